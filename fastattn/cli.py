@@ -1,0 +1,56 @@
+"""Command line: `fastattn info` (and `python -m fastattn info`)."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def _info(_args) -> int:
+    import torch
+
+    import fastattn
+    from fastattn import _ext
+    from fastattn.backends import PRIORITY
+    from fastattn.ops.circular_relative_attention import REASONS
+
+    print(f"fastattn {fastattn.__version__}")
+    print(f"python   {platform.python_version()} ({sys.executable})")
+    print(f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'}, "
+          f"{torch.get_num_threads()} CPU threads)")
+    try:
+        import triton
+        print(f"triton   {triton.__version__}")
+    except ImportError:
+        print("triton   not installed")
+    info = _ext.build_info()
+    if info:
+        print(f"_C       backends={info['backends']} cuda_archs={info['cuda_archs'] or '-'} "
+              f"openmp={info['openmp']} omp_max_threads={info['omp_max_threads']} "
+              f"built_against_torch={info['torch_version_built']}")
+    else:
+        print(f"_C       not built: {_ext.extension_error()}")
+    devices = [torch.zeros(1)]
+    if torch.cuda.is_available():
+        print(f"cuda     {torch.cuda.get_device_name()}")
+        devices.append(torch.zeros(1, device="cuda"))
+    print("circular_relative_attention backends:")
+    for name in PRIORITY:
+        for x in devices:
+            for dtype in (torch.float32, torch.bfloat16):
+                why = REASONS[name](x.to(dtype))
+                state = "yes" if why is None else f"no ({why})"
+                print(f"  {name:<9} {x.device.type:<4} {str(dtype).replace('torch.', ''):<8} {state}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastattn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, build and available backends").set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Circular relative attention: public function, op registration (fake + autograd), dispatch.
+
+The fused op ``torch.ops.fastattn.circular_relative_attention`` is declared once in C++
+(``csrc/fastattn.cpp``) and implemented per device in ``csrc/cpu`` / ``csrc/cuda``; the
+dispatcher routes by device. Here we add what torch needs around it (fake kernels, autograd)
+and the public function that validates, picks a backend, and assembles the term tables.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastattn import _ext
+from fastattn.backends import dtype_device_reason, select
+from fastattn.ops import _cra_terms
+from fastattn.ops._dropout import new_seed
+from fastattn.reference.circular_relative_attention import circular_relative_attention as _reference_op
+
+OP = "circular_relative_attention"
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if _ext.extension() is not None:
+
+    @torch.library.register_fake("fastattn::circular_relative_attention")
+    def _fwd_fake(q, k, v, table, coords, terms, alpha, scale, causal, key_padding_mask,
+                  dropout_p, seed):
+        torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4)
+        torch._check(table.dim() == 3 and table.shape[2] == q.shape[3])
+        B, H, Lq, _ = q.shape
+        return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=_lse_dtype(q.dtype))
+
+    @torch.library.register_fake("fastattn::circular_relative_attention_backward")
+    def _bwd_fake(grad_out, q, k, v, out, lse, table, coords, terms, alpha, scale, causal,
+                  key_padding_mask, dropout_p, seed):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(table)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, table, coords, terms, alpha, scale, causal, kpm, dropout_p, seed = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, table, coords, kpm)
+        ctx.args = (terms, alpha, scale, causal, dropout_p, seed)
+        ctx.mark_non_differentiable(lse)
+
+    def _backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, table, coords, kpm = ctx.saved_tensors
+        terms, alpha, scale, causal, dropout_p, seed = ctx.args
+        dq, dk, dv, dtable = torch.ops.fastattn.circular_relative_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, table, coords, terms, alpha, scale,
+            causal, kpm, dropout_p, seed)
+        # One gradient per op input: q, k, v, table, then eight non-differentiable arguments.
+        return (dq, dk, dv, dtable) + (None,) * 8
+
+    torch.library.register_autograd("fastattn::circular_relative_attention", _backward,
+                                    setup_context=_setup_context)
+
+
+def _cpp_reason(q: Tensor) -> Optional[str]:
+    if not _ext.has_backend("cpp"):
+        return _ext.extension_error() or "the extension was built without the C++ CPU kernels"
+    return dtype_device_reason(q, ("cpu",), _CPU_DTYPES)
+
+
+def _cuda_reason(q: Tensor) -> Optional[str]:
+    if not _ext.has_backend("cuda"):
+        return "this build has no CUDA kernels (CPU-only build, or FASTATTN_NO_CUDA=1)"
+    return "no CUDA kernel for circular_relative_attention yet"
+
+
+def _triton_reason(q: Tensor) -> Optional[str]:
+    return "no Triton kernel for circular_relative_attention yet"
+
+
+REASONS = {
+    "cuda": _cuda_reason,
+    "triton": _triton_reason,
+    "cpp": _cpp_reason,
+    "reference": lambda q: None,
+}
+
+
+def circular_relative_attention(
+    q: Tensor, k: Tensor, v: Tensor, onset: Optional[Tensor] = None,
+    pitch: Optional[Tensor] = None, *,
+    rel_index_table: Optional[Tensor] = None,
+    bar_table: Optional[Tensor] = None, pos_table: Optional[Tensor] = None,
+    octave_table: Optional[Tensor] = None, pitch_class_table: Optional[Tensor] = None,
+    bar_res: int = 48, bar_min: int = 0, octave_min: int = -11, rel_index_min: int = 0,
+    combine: str = "hadamard", alpha: float = 1.0, scale: Optional[float] = None,
+    causal: bool = True, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+    backend: str = "auto",
+    time_mode: str = "quotient", bar: Optional[Tensor] = None, position: Optional[Tensor] = None,
+    time_table: Optional[Tensor] = None, time_min: int = 0,
+    pitch_table: Optional[Tensor] = None, pitch_min: int = -127,
+    dropout_seed: Optional[int] = None,
+) -> Tensor:
+    """Attention whose logits carry relative index, time and pitch terms (SPEC §2).
+
+    Shapes: q [B, H, Lq, D]; k, v [B, H, Lk, D] with Lq <= Lk (queries are the last Lq
+    positions); onset, pitch, bar, position [B, Lk] integer (-1 = missing); every table
+    [N, D] (shared) or [H, N, D] (per head). Returns [B, H, Lq, D].
+
+    Terms (each present when its tables are given):
+      index  rel_index_table [N_idx, D], row clamp(Δn - rel_index_min)
+      time   bar_table [N_bar, D] and pos_table [bar_res, D] (time_mode="quotient": Δt split
+             into ⌊Δt / bar_res⌋ and Δt mod bar_res) or [2·bar_res - 1, D] (time_mode="fields":
+             per-token bar/position), combined by ``combine``; or time_table [N, D], the
+             direct (non-decomposed) term, row clamp(Δt - time_min)
+      pitch  octave_table [N_oct, D] and pitch_class_table [12, D] (⌊Δp / 12⌋, Δp mod 12), or
+             pitch_table [N, D], row clamp(Δp - pitch_min)
+    logits = scale · (q·k + alpha · (S_idx + S_time + S_pitch)); ``causal`` and
+    ``key_padding_mask`` [B, Lk] (True = excluded) remove keys; rows with no key give zeros.
+    ``dropout_p`` > 0 applies attention dropout with a counter-based mask chosen by
+    ``dropout_seed`` (drawn from torch's generator when None).
+    """
+    kw = dict(rel_index_table=rel_index_table, bar_table=bar_table, pos_table=pos_table,
+              octave_table=octave_table, pitch_class_table=pitch_class_table,
+              time_table=time_table, pitch_table=pitch_table, bar=bar, position=position,
+              bar_res=bar_res, bar_min=bar_min, octave_min=octave_min,
+              rel_index_min=rel_index_min, time_min=time_min, pitch_min=pitch_min)
+    _cra_terms.validate(q, k, v, onset, pitch, kw, key_padding_mask, combine, time_mode, alpha,
+                        scale, dropout_p, check_values=not torch.compiler.is_compiling())
+    name = select(OP, backend, q, REASONS)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seed = 0 if dropout_p == 0.0 else (new_seed() if dropout_seed is None else int(dropout_seed))
+    if name == "reference":
+        return _reference_op(
+            q, k, v, onset, pitch, alpha=alpha, scale=scale, causal=causal,
+            key_padding_mask=key_padding_mask, dropout_p=dropout_p, dropout_seed=seed,
+            time_mode=time_mode, combine=combine, **kw)
+    asm = _cra_terms.assemble(q, k.shape[2], onset, pitch, kw, combine, time_mode)
+    out, _ = torch.ops.fastattn.circular_relative_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), asm.table, asm.coords, asm.terms,
+        float(alpha), scale, bool(causal),
+        None if key_padding_mask is None else key_padding_mask.contiguous(), float(dropout_p), seed)
+    return out

@@ -1,0 +1,92 @@
+"""Shared test helpers: random problems for circular relative attention and a verbose compare."""
+from __future__ import annotations
+
+import torch
+
+import fastattn
+
+# (forward atol, gradient atol) per dtype, for fused-vs-reference at the same dtype.
+TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (1e-5, 1e-4)}
+
+TERM_SETS = {
+    "none": (),
+    "index": ("index",),
+    "time": ("time",),
+    "pitch": ("pitch",),
+    "all": ("index", "time", "pitch"),
+    "direct": ("index", "time_direct", "pitch_direct"),
+    "fields": ("time_fields", "pitch"),
+}
+
+
+def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float = 0.0):
+    """assert_close that says where and by how much tensors differ, and checks NaN parity."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    nan_g, nan_w = torch.isnan(got), torch.isnan(want)
+    assert torch.equal(nan_g, nan_w), f"{name}: NaN in {int(nan_g.sum())} vs {int(nan_w.sum())} places"
+    err = (got.double() - want.double()).abs().nan_to_num(0.0)
+    bound = atol + rtol * want.double().abs().nan_to_num(0.0)
+    bad = err > bound
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"{name}: {int(bad.sum())} elements off; max abs err {err.max().item():.3g} "
+                             f"(atol {atol:g}); first at {idx}: got {got[idx].item():.6g}, want {want[idx].item():.6g}")
+
+
+def make_problem(B=2, H=3, Lq=7, Lk=7, D=16, terms="all", per_head=False, dtype=torch.float32,
+                 kpm=False, missing=True, seed=0, bar_res=48, scale_tables=0.5, grad=True):
+    """Random q/k/v, coordinates and tables. Returns (q, k, v, onset, pitch, kwargs, leaves)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        t = (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype)
+        return t.requires_grad_(grad)
+
+    q, k, v = rnd(B, H, Lq, D), rnd(B, H, Lk, D), rnd(B, H, Lk, D)
+    steps = torch.randint(0, 5, (B, Lk), generator=g) * 12
+    onset = torch.cumsum(steps, 1) + torch.randint(0, bar_res, (B, 1), generator=g)
+    pitch = torch.randint(0, 128, (B, Lk), generator=g)
+    bar = onset // bar_res
+    position = onset % bar_res
+    if missing and Lk > 2:
+        for t in (onset, pitch, bar, position):
+            t[0, torch.randint(0, Lk, (2,), generator=g)] = -1
+    kw = {}
+    th = (H,) if per_head else ()
+    names = TERM_SETS[terms] if isinstance(terms, str) else terms
+    for term in names:
+        if term == "index":
+            kw["rel_index_table"] = rnd(*th, Lk + 3, D, s=scale_tables)
+            kw["rel_index_min"] = -2
+        elif term == "time":
+            kw["bar_table"] = rnd(*th, 5, D, s=scale_tables)
+            kw["pos_table"] = rnd(bar_res, D, s=scale_tables)
+            kw["bar_min"] = -1
+        elif term == "time_fields":
+            kw["bar_table"] = rnd(*th, 4, D, s=scale_tables)
+            kw["pos_table"] = rnd(2 * bar_res - 1, D, s=scale_tables)
+            kw.update(time_mode="fields", bar=bar, position=position)
+        elif term == "time_direct":
+            kw["time_table"] = rnd(*th, 100, D, s=scale_tables)
+            kw["time_min"] = -20
+        elif term == "pitch":
+            kw["octave_table"] = rnd(22, D, s=scale_tables)
+            kw["pitch_class_table"] = rnd(*th, 12, D, s=scale_tables)
+        elif term == "pitch_direct":
+            kw["pitch_table"] = rnd(*th, 255, D, s=scale_tables)
+        else:
+            raise ValueError(term)
+    kw["bar_res"] = bar_res
+    if kpm:
+        m = torch.rand(B, Lk, generator=g) < 0.25
+        kw["key_padding_mask"] = m
+    leaves = [q, k, v] + [t for t in kw.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return q, k, v, onset, pitch, kw, leaves
+
+
+def run(backend, q, k, v, onset, pitch, kw, leaves, seed=1, **extra):
+    """Forward and the gradients of a random linear loss w.r.t. every leaf."""
+    out = fastattn.circular_relative_attention(q, k, v, onset, pitch, backend=backend, **kw, **extra)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
+    return out, [torch.zeros_like(x) if gr is None else gr for x, gr in zip(leaves, grads)]

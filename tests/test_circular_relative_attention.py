@@ -1,0 +1,325 @@
+"""circular_relative_attention: every backend against the reference, semantics, bad input."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _ext
+from fastattn.reference import relative_scores
+from helpers import TOL, assert_close, make_problem, run
+
+HAVE_CPP = _ext.has_backend("cpp")
+needs_cpp = pytest.mark.skipif(not HAVE_CPP, reason=f"cpp backend not built: {_ext.extension_error()}")
+FUSED = [pytest.param("cpp", marks=needs_cpp)]
+
+SHAPES = [(1, 1), (7, 7), (129, 129), (1, 9), (5, 33), (20, 150)]
+
+
+def compare(backend, dtype, **cfg):
+    extra = {k: cfg.pop(k) for k in ("causal", "combine", "alpha", "dropout_p", "dropout_seed") if k in cfg}
+    prob = make_problem(dtype=dtype, **cfg)
+    out_r, grads_r = run("reference", *prob, **extra)
+    out_f, grads_f = run(backend, *prob, **extra)
+    fwd_tol, bwd_tol = TOL[dtype]
+    assert_close("out", out_f, out_r, fwd_tol)
+    names = ["dq", "dk", "dv"] + [f"d{n}" for n, t in prob[5].items()
+                                  if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    for name, gf, gr in zip(names, grads_f, grads_r):
+        assert_close(name, gf, gr, bwd_tol)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("terms", ["none", "index", "time", "pitch", "all", "direct", "fields"])
+@pytest.mark.parametrize("combine", ["hadamard", "add"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_terms_grid_fp64(backend, terms, combine, causal):
+    compare(backend, torch.float64, terms=terms, combine=combine, causal=causal, Lq=7, Lk=11,
+            alpha=0.8, kpm=True)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("Lq,Lk", SHAPES)
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shapes(backend, Lq, Lk, per_head, dtype):
+    compare(backend, dtype, terms="all", Lq=Lq, Lk=Lk, per_head=per_head, causal=True, kpm=Lk > 3,
+            D=16 if Lk < 100 else 32, seed=Lq * 1000 + Lk)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("seed", range(12))
+def test_random_configs_fp32(backend, seed):
+    """Unit-scale random inputs over random configurations: fp32 errors <= 1e-5 / 1e-4."""
+    rng = torch.Generator().manual_seed(1234 + seed)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=rng))]  # noqa: E731
+    Lk = pick([1, 2, 7, 33, 64, 65, 129])
+    Lq = pick([1, 5, Lk]) if Lk >= 5 else Lk
+    compare(backend, torch.float32, terms=pick(list(["index", "time", "pitch", "all", "direct", "fields"])),
+            combine=pick(["hadamard", "add"]), causal=pick([True, False]), kpm=pick([True, False]),
+            per_head=pick([True, False]), Lq=Lq, Lk=Lk, D=pick([16, 32, 64]), H=pick([1, 2]),
+            B=pick([1, 3]), alpha=pick([0.1, 1.0]), seed=seed, scale_tables=1.0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_dropout_matches_reference(backend):
+    """The counter-based mask is the same function in Python and C++: outputs agree exactly."""
+    compare(backend, torch.float64, terms="all", Lq=9, Lk=40, dropout_p=0.3, dropout_seed=77,
+            causal=False, kpm=True)
+
+
+def test_dropout_statistics_and_seed():
+    from fastattn.ops._dropout import dropout_keep_mask
+    keep = dropout_keep_mask(5, 2, 4, 64, 64, 0.25)
+    assert abs(keep.float().mean().item() - 0.75) < 0.01
+    assert not torch.equal(keep, dropout_keep_mask(6, 2, 4, 64, 64, 0.25))
+    # different (b, h) and rows see different masks
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_dropout_seed_reproducible(backend):
+    q, k, v, onset, pitch, kw, _ = make_problem(terms="all", Lq=16, Lk=16, grad=False)
+    f = lambda seed: fastattn.circular_relative_attention(  # noqa: E731
+        q, k, v, onset, pitch, dropout_p=0.5, dropout_seed=seed, backend=backend, **kw)
+    assert torch.equal(f(3), f(3))
+    assert not torch.equal(f(3), f(4))
+    torch.manual_seed(0)
+    a = fastattn.circular_relative_attention(q, k, v, onset, pitch, dropout_p=0.5, backend=backend, **kw)
+    torch.manual_seed(0)
+    b = fastattn.circular_relative_attention(q, k, v, onset, pitch, dropout_p=0.5, backend=backend, **kw)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("terms,combine", [("all", "hadamard"), ("all", "add"), ("direct", "add"),
+                                           ("fields", "hadamard")])
+def test_gradcheck(backend, terms, combine):
+    q, k, v, onset, pitch, kw, leaves = make_problem(B=1, H=2, Lq=4, Lk=6, D=4, terms=terms,
+                                                     per_head=True, dtype=torch.float64, kpm=False)
+    tables = {n: t for n, t in kw.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    rest = {n: t for n, t in kw.items() if n not in tables}
+    names = list(tables)
+
+    def f(q, k, v, *tabs):
+        return fastattn.circular_relative_attention(q, k, v, onset, pitch, combine=combine,
+                                                    backend=backend, **dict(zip(names, tabs)), **rest)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, *tables.values()), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fully_masked_rows_give_zeros(backend, dtype):
+    q, k, v, onset, pitch, kw, leaves = make_problem(B=2, Lq=5, Lk=9, terms="all", dtype=dtype)
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[0, :] = True          # batch 0: no key at all
+    kpm[1, :7] = True         # batch 1: causal queries 0..2 (positions 4..6) see nothing
+    kw["key_padding_mask"] = kpm
+    out, grads = run(backend, q, k, v, onset, pitch, kw, leaves)
+    assert torch.isfinite(out).all()
+    assert (out[0] == 0).all() and (out[1, :, :3] == 0).all() and (out[1, :, 3:] != 0).any()
+    for g in grads:
+        assert torch.isfinite(g).all()
+    assert (grads[0][0] == 0).all() and (grads[0][1, :, :3] == 0).all()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_decode_equals_full_pass(backend):
+    """Queries = the last Lq keys: decoding rows equal the corresponding rows of a full pass."""
+    q, k, v, onset, pitch, kw, _ = make_problem(Lq=40, Lk=40, terms="all", grad=False, kpm=True)
+    full = fastattn.circular_relative_attention(q, k, v, onset, pitch, backend=backend, **kw)
+    for lq in (1, 5, 17):
+        part = fastattn.circular_relative_attention(q[:, :, -lq:], k, v, onset, pitch, backend=backend, **kw)
+        assert_close(f"decode Lq={lq}", part, full[:, :, -lq:], 1e-6)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_backward_deterministic(backend):
+    prob = make_problem(B=2, H=4, Lq=100, Lk=100, terms="all", per_head=False)
+    _, g1 = run(backend, *prob)
+    _, g2 = run(backend, *prob)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_relative_index_semantics():
+    """Hand-worked values of SPEC §2: query-minus-key differences, floor and non-negative mod."""
+    D = 4
+    e0 = torch.zeros(D, dtype=torch.float64)
+    e0[0] = 1.0
+    q = e0.view(1, 1, 1, D).expand(1, 1, 2, D).contiguous()
+    ramp = lambda n: torch.arange(n, dtype=torch.float64).view(n, 1) * e0  # noqa: E731  row r -> r·e0
+    onset = torch.tensor([[0, 100]])
+    pitch = torch.tensor([[60, 59]])
+    # time: Δt = 100 = 2 bars + 4 -> bar row 2, pos row 4 -> 2 * 4 (Hadamard), 2 + 4 (add)
+    kw = dict(bar_table=ramp(16), pos_table=ramp(48))
+    assert relative_scores(q, onset, pitch, 2, **kw)[0, 0, 1, 0].item() == 8.0
+    assert relative_scores(q, onset, pitch, 2, combine="add", **kw)[0, 0, 1, 0].item() == 6.0
+    # reversed: Δt = -100 -> floor(-100/48) = -3 -> clamp(-3 - 0) = 0; remainder 44
+    assert relative_scores(q, onset.flip(1), pitch, 2, combine="add", **kw)[0, 0, 1, 0].item() == 44.0
+    # pitch: Δp = -1 -> octave -1 (row -1 + 11 = 10), class 11 (query minus key)
+    kw = dict(octave_table=ramp(22), pitch_class_table=ramp(12))
+    assert relative_scores(q, onset, pitch, 2, **kw)[0, 0, 1, 0].item() == 110.0
+    # index: Δn = 1 -> row 1 - rel_index_min
+    assert relative_scores(q, onset, pitch, 2, rel_index_table=ramp(5), rel_index_min=-2)[0, 0, 1, 0].item() == 3.0
+    # a missing coordinate zeroes its term
+    assert relative_scores(q, torch.tensor([[0, -1]]), pitch, 2, bar_table=ramp(16),
+                           pos_table=ramp(48))[0, 0, 1, 0].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_plain_attention_matches_sdpa(backend):
+    q, k, v, *_ = make_problem(Lq=9, Lk=9, terms="none", grad=False)
+    out = fastattn.circular_relative_attention(q, k, v, backend=backend)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_close("out", out, want, 1e-5)
+
+
+def test_auto_backend_choice():
+    x = torch.zeros(1, 1, 1, 8)
+    from fastattn.ops.circular_relative_attention import REASONS
+    from fastattn.backends import select
+    assert select("op", "auto", x, REASONS) == ("cpp" if HAVE_CPP else "reference")
+    assert select("op", "auto", x.bfloat16(), REASONS) == "reference"
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+def _base():
+    q, k, v, onset, pitch, kw, _ = make_problem(B=2, H=2, Lq=4, Lk=6, D=8, terms="all", grad=False,
+                                                missing=False)
+    return q, k, v, onset, pitch, kw
+
+
+def _call(**over):
+    q, k, v, onset, pitch, kw = _base()
+    args = dict(q=q, k=k, v=v, onset=onset, pitch=pitch)
+    for name in list(over):
+        if name in args:
+            args[name] = over.pop(name)
+    kw.update(over)
+    return fastattn.circular_relative_attention(args["q"], args["k"], args["v"], args["onset"],
+                                                args["pitch"], **kw)
+
+
+BAD = {
+    "batch mismatch": (dict(k=torch.randn(3, 2, 6, 8)), ValueError, "k has shape"),
+    "head mismatch": (dict(v=torch.randn(2, 3, 6, 8)), ValueError, "v has shape"),
+    "D mismatch": (dict(k=torch.randn(2, 2, 6, 4)), ValueError, "k has shape"),
+    "v length": (dict(v=torch.randn(2, 2, 5, 8)), ValueError, "v has Lk"),
+    "Lq > Lk": (dict(q=torch.randn(2, 2, 7, 8)), ValueError, "Lq=7 > Lk=6"),
+    "3-D q": (dict(q=torch.randn(2, 4, 8)), ValueError, "q must be 4-D"),
+    "int q": (dict(q=torch.ones(2, 2, 4, 8, dtype=torch.int64)), TypeError, "q must be a floating"),
+    "dtype mix": (dict(k=torch.randn(2, 2, 6, 8, dtype=torch.float64)), TypeError, "k dtype"),
+    "table width": (dict(rel_index_table=torch.randn(9, 5)), ValueError, "rel_index_table has width 5"),
+    "table heads": (dict(bar_table=torch.randn(3, 5, 8)), ValueError, "bar_table must be"),
+    "table dtype": (dict(octave_table=torch.randn(22, 8, dtype=torch.float64)), TypeError, "octave_table dtype"),
+    "pitch class rows": (dict(pitch_class_table=torch.randn(11, 8)), ValueError, "pitch_class_table must have 12"),
+    "pos rows": (dict(pos_table=torch.randn(47, 8)), ValueError, "pos_table must have 48"),
+    "lonely factor": (dict(pos_table=None), ValueError, "bar_table and pos_table"),
+    "both time forms": (dict(time_table=torch.randn(10, 8)), ValueError, "time_table"),
+    "pitch 128": (dict(pitch=torch.full((2, 6), 128)), ValueError, "pitch has values above 127"),
+    "pitch -2": (dict(pitch=torch.full((2, 6), -2)), ValueError, "pitch has values below -1"),
+    "onset -2": (dict(onset=torch.full((2, 6), -2)), ValueError, "onset has values below -1"),
+    "float onset": (dict(onset=torch.zeros(2, 6)), TypeError, "onset must be an integer"),
+    "bool pitch": (dict(pitch=torch.zeros(2, 6, dtype=torch.bool)), TypeError, "pitch must be an integer"),
+    "onset shape": (dict(onset=torch.zeros(2, 5, dtype=torch.long)), ValueError, "onset must have shape"),
+    "missing onset": (dict(onset=None), ValueError, "onset [B, Lk] is required"),
+    "missing pitch": (dict(pitch=None), ValueError, "pitch [B, Lk] is required"),
+    "mask shape": (dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), ValueError,
+                   "key_padding_mask must have shape"),
+    "mask dtype": (dict(key_padding_mask=torch.zeros(2, 6)), TypeError, "key_padding_mask must be a bool"),
+    "combine": (dict(combine="concat"), ValueError, "combine must be"),
+    "time_mode": (dict(time_mode="bars"), ValueError, "time_mode must be"),
+    "backend": (dict(backend="fast"), ValueError, "backend must be"),
+    "dropout": (dict(dropout_p=1.0), ValueError, "dropout_p must be"),
+    "bar_res": (dict(bar_res=0), ValueError, "bar_res must be"),
+    "fields need coords": (dict(time_mode="fields"), ValueError, "pos_table must have 95"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(case):
+    over, exc, msg = BAD[case]
+    with pytest.raises(exc, match=re.escape(msg)):
+        _call(**dict(over))
+
+
+def test_backend_cannot_run():
+    q, k, v, onset, pitch, kw = _base()
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run"):
+        fastattn.circular_relative_attention(q, k, v, onset, pitch, backend="triton", **kw)
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
+        fastattn.circular_relative_attention(q, k, v, onset, pitch, backend="cuda", **kw)
+    if HAVE_CPP:
+        with pytest.raises(RuntimeError, match="supports dtypes float32, float64, got bfloat16"):
+            bf = {n: (t.bfloat16() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+                  for n, t in kw.items()}
+            fastattn.circular_relative_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), onset, pitch,
+                                                 backend="cpp", **bf)
+
+
+@needs_cpp
+def test_raw_op_rejects_inconsistent_terms():
+    """Direct torch.ops calls are checked in C++ too (no out-of-bounds reads)."""
+    q = torch.randn(1, 1, 3, 4)
+    table = torch.randn(1, 5, 4)
+    coords = torch.zeros(1, 0, 3, dtype=torch.int32)
+    bad_rows = [0, 0, -1, -1, 0, 0, 10, 1, 0]  # index term claiming 10 rows of a 5-row table
+    with pytest.raises(RuntimeError, match="term rows exceed the table"):
+        torch.ops.fastattn.circular_relative_attention(q, q, q, table, coords, bad_rows, 1.0, 1.0, True,
+                                                       None, 0.0, 0)
+    bad_channel = [1, 0, 3, -1, 0, 0, 5, 1, 0]  # direct term reading channel 3 of 0
+    with pytest.raises(RuntimeError, match="bad hi channel"):
+        torch.ops.fastattn.circular_relative_attention(q, q, q, table, coords, bad_channel, 1.0, 1.0, True,
+                                                       None, 0.0, 0)
+
+
+@needs_cpp
+def test_fuzz_coordinates_never_out_of_bounds():
+    """Arbitrary coordinate channels (beyond what the Python layer allows) stay in bounds."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        B, H, L, D = 1, 1, int(torch.randint(1, 40, (1,), generator=g)), 4
+        q = torch.randn(B, H, L, D, generator=g)
+        table = torch.randn(1, 3 * 4 + 7 + 5, D, generator=g)
+        coords = torch.randint(-50, 50, (B, 2, L), generator=g, dtype=torch.int32)
+        terms = [2, 0, 0, 1, 4, -3, 3, 4, 0,   # quotient, combined, 3x4 rows
+                 3, 1, 0, 1, 2, 1, 7, 5, 12,   # fields, hi part
+                 1, 0, 1, -1, 0, 2, 5, 1, 19]  # direct
+        out, lse = torch.ops.fastattn.circular_relative_attention(q, q, q, table, coords, terms, 1.0, 0.5,
+                                                                  bool(trial % 2), None, 0.0, 0)
+        assert torch.isfinite(out).all()
+
+
+@needs_cpp
+def test_opcheck():
+    q, k, v, onset, pitch, kw, _ = make_problem(B=1, H=2, Lq=3, Lk=5, D=8, terms="all")
+    from fastattn.ops import _cra_terms
+    table_kw = {n: kw.get(n) for n in _cra_terms.TABLE_ARGS}
+    table_kw.update(bar=None, position=None, bar_res=48, bar_min=kw["bar_min"], octave_min=-11,
+                    rel_index_min=kw["rel_index_min"], time_min=0, pitch_min=-127)
+    asm = _cra_terms.assemble(q, 5, onset, pitch, table_kw, "hadamard", "quotient")
+    table = asm.table.detach().requires_grad_(True)
+    args = (q, k, v, table, asm.coords, asm.terms, 0.5, 0.3, True, None, 0.0, 0)
+    torch.library.opcheck(torch.ops.fastattn.circular_relative_attention.default, args)
+    args = (q, k, v, table, asm.coords, asm.terms, 0.5, 0.3, False, torch.zeros(1, 5, dtype=torch.bool),
+            0.2, 11)
+    torch.library.opcheck(torch.ops.fastattn.circular_relative_attention.default, args)
+
+
+@needs_cpp
+def test_torch_compile_op():
+    q, k, v, onset, pitch, kw, leaves = make_problem(B=1, H=2, Lq=8, Lk=8, D=8, terms="all")
+
+    def f(q, k, v):
+        return fastattn.circular_relative_attention(q, k, v, onset, pitch, backend="cpp", **kw)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v)
+    assert_close("compiled", out, f(q, k, v), 1e-6)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
