@@ -86,6 +86,18 @@ inline void gather_add(const int* rows, const T* RS, T alpha, int mk, T* S) {
   }
 }
 
+// The index term reads row clamp(base - j) for key j: a reversed contiguous run of rows
+// between the two clamped ends, so it needs neither a gather nor a conflicting scatter.
+// Visits keys 0 .. nv-1 as f_run(j_lo, j_hi) over the unclamped keys and f_edge(j, row) for the rest.
+template <typename Run, typename Edge>
+inline void index_runs(const CraTerm& t, int base, int nv, Run&& f_run, Edge&& f_edge) {
+  const int last = t.n_hi - 1;
+  const int jl = std::max(0, base - last), jh = std::min(nv - 1, base);
+  for (int j = 0; j < std::min(nv, jl); ++j) f_edge(j, t.row_offset + last);
+  if (jl <= jh) f_run(jl, jh);
+  for (int j = std::max(jh + 1, jl); j < nv; ++j) f_edge(j, t.row_offset);
+}
+
 // exp(x) for softmax arguments (x <= ~0): a Cephes-style exp2 polynomial (rel. error ~2e-7)
 // written so loops over it vectorise; std::exp is a scalar libm call. -inf gives exactly 0.
 inline float softmax_exp(float x) {
@@ -139,6 +151,11 @@ void relative_grads(const CraProblem& p, const T* Q, int mq, const T* Tb, const 
   }
 }
 
+// Keys j0 .. j0+nv-1 of a tile are at or before query position a (all mk when not causal).
+inline int visible_keys(const CraProblem& p, int a, int j0, int mk) {
+  return p.causal ? std::max(0, std::min(mk, a - j0 + 1)) : mk;
+}
+
 // Scaled logits of one tile: S = scale · (Q Kᵀ + alpha · relative), -inf where masked.
 // Leaves each term's rows in rows[t][i][j] (BQ x BK ints per term) for the backward scatter.
 template <typename T>
@@ -148,16 +165,54 @@ void tile_logits(const CraProblem& p, const T* Q, const T* K, const T* RS, const
   const T alpha = T(p.alpha), scale = T(p.scale), ninf = -std::numeric_limits<T>::infinity();
   for (int i = 0; i < mq; ++i) {
     T* s = S + i * BK;
+    const T* rs = RS + (int64_t)i * p.N;
+    const int nv = visible_keys(p, a0 + i, j0, mk);
     for (int t = 0; t < p.terms.n; ++t) {
+      const CraTerm& term = p.terms.t[t];
+      if (term.kind == CRA_KIND_INDEX) {
+        const int base = a0 + i - j0 - term.hi_min;
+        index_runs(term, base, nv, [&](int jl, int jh) {
+          const T* src = rs + term.row_offset + base;
+#pragma omp simd
+          for (int j = jl; j <= jh; ++j) s[j] += alpha * src[-j];
+        }, [&](int j, int row) { s[j] += alpha * rs[row]; });
+        continue;
+      }
       int* r = rows + (t * BQ + i) * BK;
-      term_rows(p.terms.t[t], cb, p.Lk, a0 + i, j0, mk, r);
-      gather_add(r, RS + (int64_t)i * p.N, alpha, mk, s);
+      term_rows(term, cb, p.Lk, a0 + i, j0, nv, r);
+      gather_add(r, rs, alpha, nv, s);
     }
-    const int jvis = p.causal ? a0 + i - j0 : mk - 1;  // last visible key of this query, tile-local
 #pragma omp simd
     for (int j = 0; j < mk; ++j) {
-      const bool masked = j > jvis || (kpm_b != nullptr && kpm_b[j0 + j]);
+      const bool masked = j >= nv || (kpm_b != nullptr && kpm_b[j0 + j]);
       s[j] = masked ? ninf : s[j] * scale;
+    }
+  }
+}
+
+// d RS[i, row(i, j)] += alpha * dlogit[i, j] for every visible pair of the tile.
+template <typename T>
+void tile_scatter(const CraProblem& p, const T* dP, const int* rows, int a0, int mq, int j0, int mk,
+                  T* dRS) {
+  const T alpha = T(p.alpha);
+  for (int i = 0; i < mq; ++i) {
+    const T* dp = dP + i * BK;
+    T* drs = dRS + (int64_t)i * p.N;
+    const int nv = visible_keys(p, a0 + i, j0, mk);
+    for (int t = 0; t < p.terms.n; ++t) {
+      const CraTerm& term = p.terms.t[t];
+      if (term.kind == CRA_KIND_INDEX) {
+        const int base = a0 + i - j0 - term.hi_min;
+        index_runs(term, base, nv, [&](int jl, int jh) {
+          T* dst = drs + term.row_offset + base;
+#pragma omp simd
+          for (int j = jl; j <= jh; ++j) dst[-j] += alpha * dp[j];
+        }, [&](int j, int row) { drs[row] += alpha * dp[j]; });
+        continue;
+      }
+      const int* r = rows + (t * BQ + i) * BK;
+      for (int j = 0; j < nv; ++j)
+        if (r[j] >= 0) drs[r[j]] += alpha * dp[j];
     }
   }
 }
@@ -253,7 +308,7 @@ void backward_head(const CraProblem& p, const Inputs<T>& in, const T* dout, cons
     *delta = dP + BQ * BK;
   rows_buf.resize((size_t)std::max(p.terms.n, 1) * BQ * BK);
   int* rows = rows_buf.data();
-  const T alpha = T(p.alpha), scale = T(p.scale), keep_scale = T(1.0 / (1.0 - p.dropout_p));
+  const T scale = T(p.scale), keep_scale = T(1.0 / (1.0 - p.dropout_p));
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int i0 = 0; i0 < p.Lq; i0 += BQ) {
     const int mq = std::min(BQ, p.Lq - i0), a0 = i0 + p.Lk - p.Lq;
@@ -307,14 +362,7 @@ void backward_head(const CraProblem& p, const Inputs<T>& in, const T* dout, cons
       gemm<T>(true, false, mk, p.D, mq, T(1), S, BK, dO, p.D, T(1), dV + (int64_t)j0 * p.D, p.D);
       gemm<T>(false, false, mq, p.D, mk, T(1), dP, BK, K + (int64_t)j0 * p.D, p.D, T(1), dQ, p.D);
       gemm<T>(true, false, mk, p.D, mq, T(1), dP, BK, Q, p.D, T(1), dK + (int64_t)j0 * p.D, p.D);
-      for (int t = 0; t < p.terms.n; ++t)
-        for (int i = 0; i < mq; ++i) {
-          const int* r = rows + (t * BQ + i) * BK;
-          const T* dp = dP + i * BK;
-          T* drs = dRS + (int64_t)i * p.N;
-          for (int j = 0; j < mk; ++j)
-            if (r[j] >= 0) drs[r[j]] += alpha * dp[j];
-        }
+      tile_scatter(p, dP, rows, a0, mq, j0, mk, dRS);
     }
     relative_grads(p, Q, mq, Tb, dRS, dQ, dTb, a0);
   }

@@ -35,10 +35,11 @@ def _gather(qe: Tensor, rows: Tensor) -> Tensor:
 
 def _pair_diff(coord: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     """coord [B, Lk] -> (query-minus-key differences [B, Lq, Lk], both-present mask)."""
+    coord = coord.long()  # an unsigned coordinate would wrap when subtracted
     cq = coord[:, a]
     diff = cq.unsqueeze(-1) - coord.unsqueeze(1)
     valid = (cq >= 0).unsqueeze(-1) & (coord >= 0).unsqueeze(1)
-    return diff.long(), valid
+    return diff, valid
 
 
 def _outer(a: Tensor, b: Tensor, combine: str) -> Tensor:
