@@ -134,6 +134,13 @@ def test_decode_equals_full_pass(backend):
     for lq in (1, 5, 17):
         part = fastattn.circular_relative_attention(q[:, :, -lq:], k, v, onset, pitch, backend=backend, **kw)
         assert_close(f"decode Lq={lq}", part, full[:, :, -lq:], 1e-6)
+    # k/v as slices of a larger KV-cache buffer (strided over batch and head) need no copy
+    cap = torch.zeros(k.shape[0], k.shape[1], 64, k.shape[3])
+    kc, vc = cap.clone(), cap.clone()
+    kc[:, :, :40], vc[:, :, :40] = k, v
+    part = fastattn.circular_relative_attention(q[:, :, -3:], kc[:, :, :40], vc[:, :, :40], onset, pitch,
+                                                backend=backend, **kw)
+    assert_close("strided k/v", part, full[:, :, -3:], 1e-6)
 
 
 @pytest.mark.parametrize("backend", FUSED)

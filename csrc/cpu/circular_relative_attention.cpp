@@ -222,6 +222,10 @@ struct Inputs {
   const T *q, *k, *v, *table;
   const int32_t* coords;
   const bool* kpm;
+  // k and v may be strided over batch and head (a KV-cache slice); rows are dense.
+  int64_t k_sb, k_sh, v_sb, v_sh;
+  const T* keys(int b, int h) const { return k + b * k_sb + h * k_sh; }
+  const T* values(int b, int h) const { return v + b * v_sb + h * v_sh; }
 };
 
 inline int key_end(const CraProblem& p, int a_last) { return p.causal ? a_last + 1 : p.Lk; }
@@ -232,8 +236,8 @@ void forward_block(const CraProblem& p, const Inputs<T>& in, int b, int h, int q
   const int i0 = qb * BQ, mq = std::min(BQ, p.Lq - i0), a0 = i0 + p.Lk - p.Lq;
   const int64_t bh = (int64_t)b * p.H + h;
   const T* Q = in.q + (bh * p.Lq + i0) * p.D;
-  const T* K = in.k + bh * p.Lk * p.D;
-  const T* V = in.v + bh * p.Lk * p.D;
+  const T* K = in.keys(b, h);
+  const T* V = in.values(b, h);
   const T* Tb = in.table + (p.Ht == 1 ? 0 : (int64_t)h * p.N * p.D);
   const int32_t* cb = in.coords + (int64_t)b * p.C * p.Lk;
   const bool* kpm_b = in.kpm ? in.kpm + (int64_t)b * p.Lk : nullptr;
@@ -293,8 +297,8 @@ void backward_head(const CraProblem& p, const Inputs<T>& in, const T* dout, cons
                    const T* lse, int b, int h, T* dq, T* dk, T* dv, T* dT, std::vector<T>& buf,
                    std::vector<int>& rows_buf) {
   const int64_t bh = (int64_t)b * p.H + h;
-  const T* K = in.k + bh * p.Lk * p.D;
-  const T* V = in.v + bh * p.Lk * p.D;
+  const T* K = in.keys(b, h);
+  const T* V = in.values(b, h);
   T* dK = dk + bh * p.Lk * p.D;
   T* dV = dv + bh * p.Lk * p.D;
   const T* Tb = in.table + (p.Ht == 1 ? 0 : (int64_t)h * p.N * p.D);
@@ -373,7 +377,8 @@ Inputs<T> inputs_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const at::Tensor& table, const at::Tensor& coords,
                     const std::optional<at::Tensor>& kpm) {
   return {q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), table.data_ptr<T>(),
-          coords.data_ptr<int32_t>(), kpm.has_value() ? kpm->data_ptr<bool>() : nullptr};
+          coords.data_ptr<int32_t>(), kpm.has_value() ? kpm->data_ptr<bool>() : nullptr,
+          k.stride(0), k.stride(1), v.stride(0), v.stride(1)};
 }
 
 std::tuple<at::Tensor, at::Tensor> cra_forward_cpu(
@@ -411,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cra_backward_cpu(
               lse.sizes() == at::IntArrayRef({p.B, p.H, p.Lq}), "grad_out/out/lse shapes do not match q");
   const auto dout_c = grad_out.contiguous().to(q.scalar_type());
   const auto out_c = out.contiguous(), lse_c = lse.contiguous();
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dq = at::empty_like(q), dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
   const int nthreads = at::get_num_threads();
   // One table-gradient partial per thread, summed in thread order afterwards.
   auto partial = at::zeros({nthreads, p.Ht, p.N, p.D}, q.options());

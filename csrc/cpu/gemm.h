@@ -2,12 +2,14 @@
 //
 // torch's CPU wheels export the BLAS symbols they link (MKL on x86-64); calling them directly
 // avoids the dispatcher and tensor allocation per tile (a few microseconds each, thousands of
-// tiles per call). The symbols are weak: where the torch build has none, we fall back to
-// at::addmm_out on views, which is slower but equally exact. Inside a parallel region both
-// run single-threaded, so the outer task loop owns all threads.
+// tiles per call). The symbols are weak: where the torch build has none, plain loops run
+// instead. Inside a parallel region BLAS runs single-threaded, so the outer task loop owns
+// all threads.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <algorithm>
+#include <cstdint>
+#include <vector>
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
@@ -41,28 +43,54 @@ inline void blas_gemm<double>(const char* ta, const char* tb, const int* m, cons
   dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// Plain loops for degenerate shapes (decoding has M = 1): BLAS turns them into gemv/ger calls
+// whose generic code paths are several times slower than these vectorised loops. Also the
+// fallback when the torch build exports no BLAS.
+template <typename T>
+void small_gemm(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, int lda,
+                const T* B, int ldb, T beta, T* C, int ldc) {
+  std::vector<T> arow(trans_a ? K : 0);  // row i of op(A), made contiguous
+  for (int i = 0; i < M; ++i) {
+    T* c = C + (int64_t)i * ldc;
+    if (beta == T(0)) std::fill(c, c + N, T(0));
+    else if (beta != T(1)) for (int n = 0; n < N; ++n) c[n] *= beta;
+    const T* a = A + (int64_t)i * lda;
+    if (trans_a) {
+      for (int k = 0; k < K; ++k) arow[k] = A[(int64_t)k * lda + i];
+      a = arow.data();
+    }
+    if (trans_b) {  // B stored [N, K]: dot products along contiguous K
+      for (int n = 0; n < N; ++n) {
+        const T* b = B + (int64_t)n * ldb;
+        T s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int k = 0; k < K; ++k) s += a[k] * b[k];
+        c[n] += alpha * s;
+      }
+    } else {  // B stored [K, N]: axpy along contiguous N
+      for (int k = 0; k < K; ++k) {
+        const T ak = alpha * a[k];
+        const T* b = B + (int64_t)k * ldb;
+#pragma omp simd
+        for (int n = 0; n < N; ++n) c[n] += ak * b[n];
+      }
+    }
+  }
+}
+
 // C[M, N] = alpha * op(A) op(B) + beta * C, all row-major; op(A) is [M, K] (A stored [K, M]
 // when trans_a), op(B) is [K, N] (B stored [N, K] when trans_b).
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int M, int N, int K, T alpha, const T* A, int lda,
           const T* B, int ldb, T beta, T* C, int ldc) {
   if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    for (int i = 0; i < M; ++i)
-      for (int j = 0; j < N; ++j) C[(int64_t)i * ldc + j] = beta == T(0) ? T(0) : beta * C[(int64_t)i * ldc + j];
+  if (K <= 4 || !have_blas()) {
+    small_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
-  if (have_blas()) {
-    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap operands.
-    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-    blas_gemm<T>(&tb, &ta, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto a = at::from_blob(const_cast<T*>(A), {trans_a ? K : M, trans_a ? M : K}, {lda, 1}, opts);
-  auto b = at::from_blob(const_cast<T*>(B), {trans_b ? N : K, trans_b ? K : N}, {ldb, 1}, opts);
-  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  at::addmm_out(c, c, trans_a ? a.t() : a, trans_b ? b.t() : b, beta, alpha);
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap operands.
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  blas_gemm<T>(&tb, &ta, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
 }
 
 }  // namespace fastattn::cpu

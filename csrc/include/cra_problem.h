@@ -36,8 +36,10 @@ inline CraProblem cra_make_problem(const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(p.Lq <= p.Lk, "q: Lq must be <= Lk");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
               table.scalar_type() == q.scalar_type(), "q, k, v, table must share a dtype");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && table.is_contiguous(),
-              "q, k, v, table must be contiguous");
+  TORCH_CHECK(q.is_contiguous() && table.is_contiguous(), "q and table must be contiguous");
+  for (const auto* t : {&k, &v})  // KV-cache slices: strided over batch/head, dense rows
+    TORCH_CHECK((t->stride(3) == 1 || p.D == 1) && (t->stride(2) == p.D || p.Lk == 1),
+                "k and v must have dense [Lk, D] rows (stride(2) == D, stride(3) == 1)");
   TORCH_CHECK(table.dim() == 3 && table.size(2) == p.D && (table.size(0) == 1 || table.size(0) == p.H),
               "table must be [1 or H, N, D]");
   p.Ht = table.size(0); p.N = table.size(1);

@@ -40,7 +40,7 @@ if _ext.extension() is not None:
     @torch.library.register_fake("fastattn::circular_relative_attention_backward")
     def _bwd_fake(grad_out, q, k, v, out, lse, table, coords, terms, alpha, scale, causal,
                   key_padding_mask, dropout_p, seed):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(table)
+        return torch.empty_like(q), k.new_empty(k.shape), v.new_empty(v.shape), torch.empty_like(table)
 
     def _setup_context(ctx, inputs, output):
         q, k, v, table, coords, terms, alpha, scale, causal, kpm, dropout_p, seed = inputs
@@ -60,6 +60,12 @@ if _ext.extension() is not None:
 
     torch.library.register_autograd("fastattn::circular_relative_attention", _backward,
                                     setup_context=_setup_context)
+
+
+def _dense_rows(t: Tensor) -> Tensor:
+    """Kernels accept k/v strided over batch and head (a KV-cache slice) but need dense rows."""
+    D, L = t.shape[-1], t.shape[-2]
+    return t if (t.stride(-1) == 1 or D == 1) and (t.stride(-2) == D or L == 1) else t.contiguous()
 
 
 def _cpp_reason(q: Tensor) -> Optional[str]:
@@ -137,7 +143,7 @@ def circular_relative_attention(
             time_mode=time_mode, combine=combine, **kw)
     asm = _cra_terms.assemble(q, k.shape[2], onset, pitch, kw, combine, time_mode)
     out, _ = torch.ops.fastattn.circular_relative_attention(
-        q.contiguous(), k.contiguous(), v.contiguous(), asm.table, asm.coords, asm.terms,
+        q.contiguous(), _dense_rows(k), _dense_rows(v), asm.table, asm.coords, asm.terms,
         float(alpha), scale, bool(causal),
         None if key_padding_mask is None else key_padding_mask.contiguous(), float(dropout_p), seed)
     return out
