@@ -291,16 +291,15 @@ void forward_block(const CraProblem& p, const Inputs<T>& in, int b, int h, int q
   }
 }
 
-// Backward of one (batch, head): all query blocks in order, so dK/dV need no reduction.
+// Backward of query blocks [qb0, qb1) of one (batch, head), in order, accumulating into
+// dK/dV ([Lk, D], zeroed here) and the table gradient dT.
 template <typename T>
-void backward_head(const CraProblem& p, const Inputs<T>& in, const T* dout, const T* out,
-                   const T* lse, int b, int h, T* dq, T* dk, T* dv, T* dT, std::vector<T>& buf,
-                   std::vector<int>& rows_buf) {
+void backward_chunk(const CraProblem& p, const Inputs<T>& in, const T* dout, const T* out,
+                    const T* lse, int b, int h, int qb0, int qb1, T* dq, T* dK, T* dV, T* dT,
+                    std::vector<T>& buf, std::vector<int>& rows_buf) {
   const int64_t bh = (int64_t)b * p.H + h;
   const T* K = in.keys(b, h);
   const T* V = in.values(b, h);
-  T* dK = dk + bh * p.Lk * p.D;
-  T* dV = dv + bh * p.Lk * p.D;
   const T* Tb = in.table + (p.Ht == 1 ? 0 : (int64_t)h * p.N * p.D);
   T* dTb = dT + (p.Ht == 1 ? 0 : (int64_t)h * p.N * p.D);
   const int32_t* cb = in.coords + (int64_t)b * p.C * p.Lk;
@@ -314,7 +313,7 @@ void backward_head(const CraProblem& p, const Inputs<T>& in, const T* dout, cons
   int* rows = rows_buf.data();
   const T scale = T(p.scale), keep_scale = T(1.0 / (1.0 - p.dropout_p));
   const T ninf = -std::numeric_limits<T>::infinity();
-  for (int i0 = 0; i0 < p.Lq; i0 += BQ) {
+  for (int i0 = qb0 * BQ; i0 < std::min(p.Lq, qb1 * BQ); i0 += BQ) {
     const int mq = std::min(BQ, p.Lq - i0), a0 = i0 + p.Lk - p.Lq;
     const T* Q = in.q + (bh * p.Lq + i0) * p.D;
     const T* dO = dout + (bh * p.Lq + i0) * p.D;
@@ -418,24 +417,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cra_backward_cpu(
   const auto out_c = out.contiguous(), lse_c = lse.contiguous();
   auto dq = at::empty_like(q), dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
   const int nthreads = at::get_num_threads();
+  const int64_t BH = (int64_t)p.B * p.H;
+  // With fewer (batch, head) pairs than threads, split each pair's query blocks into chunks;
+  // chunks after the first accumulate dK/dV into partial buffers summed in chunk order.
+  const int nqb = (p.Lq + BQ - 1) / BQ;
+  const int nchunk = (int)std::max<int64_t>(1, std::min<int64_t>(nqb, (nthreads + BH - 1) / BH));
+  auto kv_partial = at::zeros({2, nchunk - 1, BH, p.Lk, p.D}, q.options());
   // One table-gradient partial per thread, summed in thread order afterwards.
   auto partial = at::zeros({nthreads, p.Ht, p.N, p.D}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "circular_relative_attention_backward_cpu", [&] {
     const auto in = inputs_of<scalar_t>(q, k, v, table, coords, kpm);
     const scalar_t *dO = dout_c.data_ptr<scalar_t>(), *O = out_c.data_ptr<scalar_t>(),
                    *L = lse_c.data_ptr<scalar_t>();
-    scalar_t* part = partial.data_ptr<scalar_t>();
-    at::parallel_for(0, (int64_t)p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    scalar_t *part = partial.data_ptr<scalar_t>(), *kvp = kv_partial.data_ptr<scalar_t>();
+    const int64_t kv_size = (int64_t)p.Lk * p.D, kvp_stride = (nchunk - 1) * BH * kv_size;
+    at::parallel_for(0, BH * nchunk, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> buf;
       std::vector<int> rows;
       const int tid = at::get_thread_num();
       TORCH_CHECK(tid < nthreads, "thread id beyond the partial buffers");
       scalar_t* dT = part + (int64_t)tid * p.Ht * p.N * p.D;
-      for (int64_t bh = begin; bh < end; ++bh)
-        backward_head<scalar_t>(p, in, dO, O, L, bh / p.H, bh % p.H, dq.data_ptr<scalar_t>(),
-                                dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), dT, buf, rows);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / nchunk;
+        const int c = task % nchunk;
+        scalar_t *dK = dk.data_ptr<scalar_t>() + bh * kv_size, *dV = dv.data_ptr<scalar_t>() + bh * kv_size;
+        if (c > 0) {
+          dK = kvp + ((c - 1) * BH + bh) * kv_size;
+          dV = dK + kvp_stride;
+        }
+        backward_chunk<scalar_t>(p, in, dO, O, L, bh / p.H, bh % p.H, c * nqb / nchunk,
+                                 (c + 1) * nqb / nchunk, dq.data_ptr<scalar_t>(), dK, dV, dT, buf, rows);
+      }
     });
   });
+  if (nchunk > 1) {
+    dk += kv_partial[0].sum(0).view_as(dk);
+    dv += kv_partial[1].sum(0).view_as(dv);
+  }
   return {dq, dk, dv, partial.sum(0)};
 }
 
