@@ -1,7 +1,8 @@
-"""Command line: `fastattn info | demo` (also `python -m fastattn ...`)."""
+"""Command line: `fastattn info | demo | music ... | sae ...` (also `python -m fastattn ...`)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import sys
 
@@ -50,9 +51,22 @@ def _demo(args) -> int:
     return demo(L=args.L, B=args.B)
 
 
+# Command groups living in subpackages; each module exposes register(subparsers) and imports
+# its heavy dependencies (symusic, matplotlib, safetensors, ...) only when a command runs.
+_GROUPS = ("fastattn.music.cli", "fastattn.sae.cli")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in _GROUPS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if not name.startswith(exc.name or "?"):  # the group exists but lacks a dependency
+                raise
+            continue
+        module.register(sub)
     sub.add_parser("info", help="versions, build and available backends").set_defaults(func=_info)
     demo = sub.add_parser("demo", help="the five paper attention variants: checked against the "
                                        "reference and timed (about a minute on 2 cores)")
