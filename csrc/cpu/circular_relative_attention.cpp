@@ -28,15 +28,9 @@ namespace {
 constexpr int BQ = 64;
 constexpr int BK = 128;
 
-// Rows of one term for query position a against keys j0 .. j0+mk-1 (-1 where missing).
-// Branch-free per key so the compiler can vectorise it.
+// Rows of one coordinate term (not INDEX, see index_runs) for query position a against keys
+// j0 .. j0+mk-1 (-1 where missing). Branch-free per key so the compiler can vectorise it.
 inline void term_rows(const CraTerm& t, const int32_t* cb, int Lk, int a, int j0, int mk, int* rows) {
-  if (t.kind == CRA_KIND_INDEX) {
-    const int base = a - j0 - t.hi_min, last = t.n_hi - 1;
-#pragma omp simd
-    for (int j = 0; j < mk; ++j) rows[j] = t.row_offset + cra_clamp(base - j, 0, last);
-    return;
-  }
   const int32_t* hk = cb + (int64_t)t.ch_hi * Lk + j0;
   const int32_t* lk = (t.ch_lo >= 0 ? cb + (int64_t)t.ch_lo * Lk : cb + (int64_t)t.ch_hi * Lk) + j0;
   const int hq = hk[a - j0], lq = lk[a - j0];

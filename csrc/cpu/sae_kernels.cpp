@@ -235,10 +235,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward_cpu(
 
 // ----------------------------------------------------------------------------- binary encoder
 
+// One block of rows: GEMM tile, then binarise, store the code, pack bits, count per column.
+template <typename T>
+void binary_block(const T* X, const T* W, const T* b, int N, int d, int64_t n, int r0, T* C,
+                  uint8_t* P, int64_t* cnt, std::vector<T>& S) {
+  const int mr = std::min(BM, N - r0);
+  const int64_t nbytes = (n + 7) / 8;
+  uint8_t bits[BN];
+  for (int j0 = 0; j0 < n; j0 += BN) {
+    const int nj = std::min<int64_t>(BN, n - j0);
+    gemm<T>(false, true, mr, nj, d, T(1), X + (int64_t)r0 * d, d, W + (int64_t)j0 * d, d, T(0), S.data(), BN);
+    for (int i = 0; i < mr; ++i) {
+      const T* s = S.data() + (int64_t)i * BN;
+#pragma omp simd
+      for (int j = 0; j < nj; ++j) bits[j] = (b ? s[j] + b[j0 + j] : s[j]) > T(0);
+      std::fill(bits + nj, bits + ((nj + 7) & ~7), uint8_t(0));
+      if (C) {
+        T* c = C + (int64_t)(r0 + i) * n + j0;
+        for (int j = 0; j < nj; ++j) c[j] = T(bits[j]);
+      }
+      for (int j = 0; j < nj; ++j) cnt[j0 + j] += bits[j];
+      uint8_t* p = P + (int64_t)(r0 + i) * nbytes + j0 / 8;
+      for (int w = 0; w < (nj + 7) / 8; ++w) {
+        const uint8_t* q = bits + 8 * w;
+        p[w] = q[0] | q[1] << 1 | q[2] << 2 | q[3] << 3 | q[4] << 4 | q[5] << 5 | q[6] << 6 | q[7] << 7;
+      }
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> binary_encode_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    bool return_code) {
+    bool return_code, int64_t ste) {
   const int64_t n = sae_check_linear(x, weight, bias);
+  TORCH_CHECK(ste >= 0 && ste <= 2, "ste must be 0 (reference), 1 (identity) or 2 (sigmoid), got ", ste);
   TORCH_CHECK(x.device().is_cpu(), "cpp backend: tensors must be on the CPU");
   const int N = x.size(0), d = x.size(1);
   const int64_t nbytes = (n + 7) / 8;
@@ -257,33 +287,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> binary_encode_cpu(
     at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
       const int tid = at::get_thread_num();
       TORCH_CHECK(tid < nthreads, "thread id beyond the partial buffers");
-      int64_t* cnt = partial.data() + (size_t)tid * n;
       std::vector<scalar_t> S((size_t)BM * BN);
-      uint8_t bits[BN];
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int r0 = blk * BM, mr = std::min(BM, N - r0);
-        for (int j0 = 0; j0 < n; j0 += BN) {
-          const int nj = std::min<int>(BN, n - j0);
-          gemm<scalar_t>(false, true, mr, nj, d, scalar_t(1), X + (int64_t)r0 * d, d, W + (int64_t)j0 * d,
-                         d, scalar_t(0), S.data(), BN);
-          for (int i = 0; i < mr; ++i) {
-            const scalar_t* s = S.data() + (int64_t)i * BN;
-#pragma omp simd
-            for (int j = 0; j < nj; ++j) bits[j] = (b ? s[j] + b[j0 + j] : s[j]) > scalar_t(0);
-            std::fill(bits + nj, bits + ((nj + 7) & ~7), uint8_t(0));
-            if (C) {
-              scalar_t* c = C + (int64_t)(r0 + i) * n + j0;
-              for (int j = 0; j < nj; ++j) c[j] = scalar_t(bits[j]);
-            }
-            for (int j = 0; j < nj; ++j) cnt[j0 + j] += bits[j];
-            uint8_t* p = P + (int64_t)(r0 + i) * nbytes + j0 / 8;
-            for (int w = 0; w < (nj + 7) / 8; ++w) {
-              const uint8_t* q = bits + 8 * w;
-              p[w] = q[0] | q[1] << 1 | q[2] << 2 | q[3] << 3 | q[4] << 4 | q[5] << 5 | q[6] << 6 | q[7] << 7;
-            }
-          }
-        }
-      }
+      for (int64_t blk = begin; blk < end; ++blk)
+        binary_block<scalar_t>(X, W, b, N, d, n, blk * BM, C, P, partial.data() + (size_t)tid * n, S);
     });
   });
   auto counts = at::zeros({n}, x.options().dtype(at::kLong));

@@ -22,7 +22,9 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   // x [N, d], weight [n, d], bias [n] -> (code [N, n] (or [N, 0] when not return_code) with
   // code = 1[x·Wᵀ + b > 0] in x's dtype, packed [N, ceil(n / 8)] uint8 (bit b of byte w is
   // column 8w + b, numpy's bitorder="little"), counts [n] int64: ones per column).
-  m.def("binary_encode(Tensor x, Tensor weight, Tensor? bias, bool return_code) "
+  // ``ste`` (see binary_encode_backward) is not used by the forward pass; it is an argument so
+  // that the autograd registration can read it from the op's inputs.
+  m.def("binary_encode(Tensor x, Tensor weight, Tensor? bias, bool return_code, int ste) "
         "-> (Tensor, Tensor, Tensor)");
   // Straight-through backward. ste: 0 = "reference" (g·(1 - g)), 1 = "identity" (g),
   // 2 = "sigmoid" (g·σ(z)(1 - σ(z)) on the recomputed pre-activation z).
