@@ -64,7 +64,7 @@ setup(
     install_requires=["torch", "numpy"],
     extras_require={
         "music": ["symusic", "matplotlib", "tqdm"],
-        "sae": ["safetensors", "tqdm"],
+        "sae": ["safetensors", "tqdm", "matplotlib"],
         "dev": ["pytest", "ninja", "pybind11", "triton"],
     },
     entry_points={"console_scripts": ["fastattn=fastattn.cli:main"]},

@@ -1,0 +1,245 @@
+"""`fastattn music prepare | train | generate | evaluate | demo` (also `python -m fastattn.music`).
+
+``register(subparsers)`` adds the ``music`` command to the main ``fastattn`` parser; every
+heavy import happens inside the handlers.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PAPER_WINDOWS = {"train": 35452, "valid": 4749, "test": 4137}
+
+
+def load_corpus(data, *, seed: int = 0, songs: int = 0, cache_dir=None, progress: bool = True):
+    """The embedded synthetic corpus (``data`` None) or a POP909 / MIDI folder (first ``songs``
+    songs when > 0)."""
+    if data is None:
+        from fastattn.music.synthetic import SyntheticConfig, synthetic_corpus
+        return synthetic_corpus(SyntheticConfig(seed=seed))
+    from fastattn.music.pop909 import load_midi_folder
+    subset = None
+    if songs:
+        root = Path(data)
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() or p.suffix.lower() in (".mid", ".midi"))
+        subset = names[:songs]
+    return load_midi_folder(data, seed=seed, songs=subset, cache_dir=cache_dir, progress=progress)
+
+
+def _add_data_args(p):
+    p.add_argument("--data", default=None, help="POP909 folder or folder of MIDI files "
+                   "(default: the embedded synthetic corpus)")
+    p.add_argument("--songs", type=int, default=0, help="use only the first N songs (0 = all)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the song split / corpus")
+    p.add_argument("--cache", default=None, help="cache folder for prepared data "
+                   "(default $FASTATTN_CACHE or ~/.cache/fastattn)")
+
+
+def _add_sampling_args(p):
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--top-p", type=float, default=1.0)
+
+
+def _sampling(args):
+    from fastattn.music.generate import SamplingConfig
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def _corpus(args):
+    return load_corpus(args.data, seed=args.data_seed, songs=args.songs, cache_dir=args.cache)
+
+
+# ---------------------------------------------------------------------------------------------
+def _prepare(args) -> int:
+    from collections import Counter
+    c = _corpus(args)
+    print(f"data: {args.data or 'embedded synthetic corpus'}")
+    print(c.summary())
+    if c.stats:
+        print("stats: " + ", ".join(f"{k}={v:,}" for k, v in c.stats.items()))
+    if c.skipped:
+        reasons = Counter(r.split(" (")[0].split(":")[0] for r in c.skipped.values())
+        print("skipped: " + "; ".join(f"{n} × {r}" for r, n in reasons.items()))
+        for name, why in list(c.skipped.items())[:10]:
+            print(f"  {name}: {why}")
+    if args.data is not None and not args.songs and c.stats.get("bars", 0) > 50000:
+        total = sum(c.n_windows(s) for s in PAPER_WINDOWS)
+        print("split   ours     paper    diff")
+        for s, ref in PAPER_WINDOWS.items():
+            n = c.n_windows(s)
+            print(f"{s:<6} {n:>7,}  {ref:>7,}  {100 * (n - ref) / ref:+.1f}%")
+        ref = sum(PAPER_WINDOWS.values())
+        print(f"{'total':<6} {total:>7,}  {ref:>7,}  {100 * (total - ref) / ref:+.1f}%")
+    return 0
+
+
+def _train(args) -> int:
+    from fastattn.music.model import ModelConfig, n_params
+    from fastattn.music.train import TrainConfig, train
+    c = _corpus(args)
+    mc = ModelConfig(representation=args.representation, variant=args.variant,
+                     n_layer=args.layers, d_model=args.dim, n_head=args.heads, d_ff=args.ff,
+                     dropout=args.dropout, max_len=args.max_len, alpha=args.alpha)
+    tc = TrainConfig(lr=args.lr, warmup_steps=args.warmup, decay_steps=args.decay_steps,
+                     batch_size=args.batch_size, max_steps=args.steps, eval_every=args.eval_every,
+                     eval_windows=args.eval_windows, patience=args.patience, seed=args.seed,
+                     max_shift=args.max_shift, out_dir=args.out, device=args.device,
+                     progress=not args.no_progress)
+    print(f"{c.summary()}; training {mc.variant} ({mc.representation}-based) into {tc.out_dir}")
+    r = train(mc, tc, c, resume=not args.no_resume)
+    print(f"stopped ({r.stopped}) at step {r.step}: best valid loss {r.best_val:.4f}; "
+          f"checkpoints {r.out_dir / 'last.pt'}, {r.out_dir / 'best.pt'}; log {r.out_dir / 'log.jsonl'}")
+    return 130 if r.stopped == "interrupted" else 0
+
+
+def _generate(args) -> int:
+    import numpy as np
+    import torch
+    from fastattn.music import tokens as T
+    from fastattn.music.evaluate import continue_piece
+    from fastattn.music.metrics import plot_self_similarity, repetition_scores, self_similarity
+    from fastattn.music.train import load_model
+    model = load_model(args.checkpoint)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.prompt:
+        prompts = [T.read_midi(args.prompt)]
+    else:
+        c = _corpus(args)
+        n = c.n_windows(args.split)
+        prompts = [c.window(args.split, int(i)) for i in np.linspace(0, n - 1, args.n).round()]
+    gen = torch.Generator().manual_seed(args.seed)
+    mats = {}
+    for k, w in enumerate(prompts):
+        notes = continue_piece(model, w, prompt_bars=args.prompt_bars, total_bars=args.bars,
+                               sampling=_sampling(args), generator=gen)
+        path = out / f"generated_{k}.mid"
+        T.write_midi(notes, path)
+        S = self_similarity(notes, args.bars)
+        mats[f"piece {k}"] = S
+        rep = repetition_scores(S)
+        print(f"{path}: {len(notes)} notes, repetition@4/8/12 = "
+              + "/".join(f"{rep[l]:.2f}" for l in (4, 8, 12)))
+    png = out / "self_similarity.png"
+    plot_self_similarity(dict(list(mats.items())[:4]), png, f"{model.cfg.variant}")
+    print(f"self-similarity: {png}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from fastattn.music.evaluate import evaluate_model
+    from fastattn.music.metrics import plot_self_similarity
+    from fastattn.music.train import load_model
+    import numpy as np
+    model = load_model(args.checkpoint)
+    c = _corpus(args)
+    s = evaluate_model(model, c, args.out, name=args.name, split=args.split,
+                       nll_windows=args.nll_windows, next_bar_windows=args.next_bar_windows,
+                       n_continuations=args.continuations, sampling=_sampling(args),
+                       seed=args.seed)
+    nll = s["nll"]
+    print(f"{args.split} NLL {nll['nll']:.4f} nats/token (ppl {nll['ppl']:.2f}, "
+          f"{nll['tokens']:,} tokens); per field: "
+          + ", ".join(f"{k[4:]} {v:.3f}" for k, v in nll.items() if k.startswith("nll_")))
+    print("next-bar test: " + ", ".join(f"{k} {v:.3f}" for k, v in s["next_bar"].items()))
+    print("repetition@4/8/12: " + "/".join(f"{v:.2f}" for v in s["repetition"].values()))
+    png = Path(args.out) / f"{args.name}_self_similarity.png"
+    if s["self_similarity"] is not None:
+        plot_self_similarity({args.name: np.array(s["self_similarity"])}, png)
+        print(f"self-similarity: {png}")
+    print(f"MIDI: {', '.join(s['midi'])}\nmetrics: {Path(args.out) / (args.name + '_metrics.json')}")
+    return 0
+
+
+def _demo(args) -> int:
+    from fastattn.music.demo import DemoConfig, run_demo
+    cfg = DemoConfig(data=args.data, out_dir=args.out, steps=args.steps,
+                     representation=args.representation, variants=tuple(args.variants.split(",")),
+                     seed=args.seed, songs=args.songs)
+    run_demo(cfg)
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``music`` with its subcommands to an argparse subparsers object."""
+    music = subparsers.add_parser("music", help="music Transformer: prepare | train | generate | "
+                                  "evaluate | demo", description=__doc__)
+    sub = music.add_subparsers(dest="music_command", required=True)
+
+    p = sub.add_parser("prepare", help="prepare (and cache) POP909 / a MIDI folder; print counts")
+    _add_data_args(p)
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="train one attention variant (resumes from OUT/last.pt)")
+    _add_data_args(p)
+    p.add_argument("--representation", choices=["note", "event"], default="note")
+    p.add_argument("--variant", default="CirRelAttn-H",
+                   choices=["Attn", "RelAttn", "RIPO", "CirRelAttn", "CirRelAttn-H"])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--ff", type=int, default=1024)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--max-len", type=int, default=0, help="0 = 1024 (note) / 4096 (event)")
+    p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=8e-5)
+    p.add_argument("--warmup", type=int, default=5000)
+    p.add_argument("--decay-steps", type=int, default=50000)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch")
+    p.add_argument("--steps", type=int, default=50000)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-windows", type=int, default=0, help="0 = whole valid split")
+    p.add_argument("--patience", type=int, default=20)
+    p.add_argument("--max-shift", type=int, default=5, help="random transposition range")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/music")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-resume", action="store_true")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("generate", help="continue prompts (4 → 16 bars) and write MIDI")
+    _add_data_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", default=None, help="MIDI file to continue (else windows of --split)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, default=3, help="prompts taken from the split")
+    p.add_argument("--prompt-bars", type=int, default=4)
+    p.add_argument("--bars", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/music/generated")
+    _add_sampling_args(p)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("evaluate", help="test NLL, next-bar test, continuations, self-similarity")
+    _add_data_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--name", default="model")
+    p.add_argument("--nll-windows", type=int, default=0, help="0 = all windows of the split")
+    p.add_argument("--next-bar-windows", type=int, default=100)
+    p.add_argument("--continuations", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/music/eval")
+    _add_sampling_args(p)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("demo", help="train Attn and CirRelAttn-H briefly on CPU, compare, write "
+                       "MIDI and a self-similarity PNG (a few minutes)")
+    _add_data_args(p)
+    p.add_argument("--out", default="runs/music-demo")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--representation", choices=["note", "event"], default="note")
+    p.add_argument("--variants", default="Attn,CirRelAttn-H")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+    return music
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastattn")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["music", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

@@ -1,0 +1,309 @@
+"""Note arrays, the two token representations and MIDI I/O (SPEC §4).
+
+A *piece* is an int64 array ``notes [N, 5]`` with columns (bar, position, track, pitch, duration):
+bar index, position 0…47 inside a 4/4 bar at 12 ticks per beat, track 0 MELODY / 1 BRIDGE /
+2 PIANO, MIDI pitch 0…127, duration in ticks (one of the 27 known durations). Rows are kept in
+canonical order — by onset (bar·48 + position), then pitch, track, duration — so that every
+conversion has one answer and round trips are exact.
+
+Note-based tokens (MusicBERT / MMT style) are ``[L, 6]``: fields (type, bar, position, track,
+pitch, duration index); type 0 = start of song, 1 = note, 2 = end of song. Non-note tokens hold
+the padding value in the other five fields (they have no bar or pitch).
+
+Event-based tokens (REMI style) are ``[L]`` over one vocabulary of 224:
+BOS, EOS, Bar_0…15, Position_0…47, Track_0…2, Pitch_0…127, Duration_0…26 (+ PAD = 224).
+
+Both come with per-token ``onset`` and ``pitch`` ([L] int64, −1 = missing) for the relative
+attention terms. A token carries only what is known *at* that token: in the event-based stream
+the Position and Track tokens of a note carry its onset but pitch −1, because the note's pitch
+is the target two tokens later and the relative pitch term would leak it through the logits.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+TICKS_PER_BEAT = 12
+BAR_RES = 48                      # positions per 4/4 bar
+N_BARS = 16                       # bars per window (and rows of the bar vocabulary)
+TRACK_NAMES = ("MELODY", "BRIDGE", "PIANO")
+# The 27 known durations (ticks at 12 per beat); longer notes are capped at 96.
+DURATIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15, 16, 18, 20, 21, 24, 30, 36, 40, 42,
+             48, 60, 72, 84, 96)
+MAX_DURATION = DURATIONS[-1]
+NOTE_COLUMNS = ("bar", "position", "track", "pitch", "duration")
+BAR, POS, TRACK, PITCH, DUR = range(5)
+
+# ---------------------------------------------------------------------------------------------
+# Note-based representation
+FIELDS = ("type", "bar", "position", "track", "pitch", "duration")
+FIELD_SIZES = (3, N_BARS, BAR_RES, len(TRACK_NAMES), 128, len(DURATIONS))
+TYPE_SOS, TYPE_NOTE, TYPE_EOS = 0, 1, 2
+# Padding value of a field = its vocabulary size (one extra embedding row; ignored in the loss).
+FIELD_PAD = FIELD_SIZES
+
+# ---------------------------------------------------------------------------------------------
+# Event-based representation: one vocabulary, blocks in this order.
+BOS, EOS = 0, 1
+BAR_OFFSET = 2
+POS_OFFSET = BAR_OFFSET + N_BARS              # 18
+TRACK_OFFSET = POS_OFFSET + BAR_RES           # 66
+PITCH_OFFSET = TRACK_OFFSET + len(TRACK_NAMES)  # 69
+DUR_OFFSET = PITCH_OFFSET + 128               # 197
+EVENT_VOCAB = DUR_OFFSET + len(DURATIONS)     # 224
+EVENT_PAD = EVENT_VOCAB
+EVENT_KINDS = ("special", "bar", "position", "track", "pitch", "duration")
+
+
+def _nearest_duration_table() -> np.ndarray:
+    """Index of the nearest known duration for every tick count 0…96 (ties go to the shorter)."""
+    d = np.asarray(DURATIONS)
+    ticks = np.arange(MAX_DURATION + 1)
+    return np.abs(ticks[:, None] - d[None, :]).argmin(axis=1)  # argmin picks the first = shorter
+
+
+_DUR_INDEX = _nearest_duration_table()
+
+
+def duration_index(ticks) -> np.ndarray:
+    """Known-duration index (0…26) of durations in ticks: capped at 96, at least 1, nearest."""
+    t = np.clip(np.asarray(ticks, dtype=np.int64), 1, MAX_DURATION)
+    return _DUR_INDEX[t]
+
+
+def quantize_duration(ticks) -> np.ndarray:
+    """Durations in ticks mapped to the nearest of the 27 known durations."""
+    return np.asarray(DURATIONS, dtype=np.int64)[duration_index(ticks)]
+
+
+def event_kind(tokens) -> np.ndarray:
+    """Block of each event token: 0 special (BOS/EOS/PAD), 1 bar, 2 position, 3 track, 4 pitch,
+    5 duration. Same shape as ``tokens``."""
+    t = np.asarray(tokens)
+    return np.searchsorted(np.array([BAR_OFFSET, POS_OFFSET, TRACK_OFFSET, PITCH_OFFSET,
+                                     DUR_OFFSET, EVENT_VOCAB]), t, side="right") % 6
+
+
+def canonical(notes) -> np.ndarray:
+    """Copy of ``notes [N, 5]`` as int64 sorted by (onset, pitch, track, duration)."""
+    n = np.asarray(notes, dtype=np.int64).reshape(-1, 5)
+    onset = n[:, BAR] * BAR_RES + n[:, POS]
+    order = np.lexsort((n[:, DUR], n[:, TRACK], n[:, PITCH], onset))
+    return n[order].copy()
+
+
+def validate_notes(notes: np.ndarray, n_bars: int = N_BARS) -> None:
+    """Raise ValueError naming the column when a piece does not fit the vocabularies."""
+    if notes.ndim != 2 or notes.shape[1] != 5:
+        raise ValueError(f"notes must be [N, 5] (bar, position, track, pitch, duration), "
+                         f"got {list(notes.shape)}")
+    limits = (n_bars, BAR_RES, len(TRACK_NAMES), 128)
+    for col, hi in enumerate(limits):
+        v = notes[:, col]
+        if v.size and (v.min() < 0 or v.max() >= hi):
+            raise ValueError(f"{NOTE_COLUMNS[col]} must be in 0…{hi - 1}, got "
+                             f"{v.min()}…{v.max()}")
+    if notes.size and not np.isin(notes[:, DUR], DURATIONS).all():
+        raise ValueError("duration must be one of the 27 known durations (quantize_duration)")
+
+
+class Tokens(NamedTuple):
+    """A tokenised piece: ``tokens`` [L, 6] (note-based) or [L] (event-based); ``onset`` and
+    ``pitch`` [L] int64 coordinates for the relative terms (−1 = missing)."""
+    tokens: np.ndarray
+    onset: np.ndarray
+    pitch: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------
+def encode_notes(notes, *, sos: bool = True, eos: bool = True) -> Tokens:
+    """Piece ``notes [N, 5]`` → note-based tokens [N (+2), 6] with onset/pitch [N (+2)]."""
+    n = canonical(notes)
+    validate_notes(n)
+    body = np.empty((len(n), 6), dtype=np.int64)
+    body[:, 0] = TYPE_NOTE
+    body[:, 1:5] = n[:, :4]
+    body[:, 5] = duration_index(n[:, DUR])
+    rows, onset, pitch = [], [], []
+    special = np.array(FIELD_PAD, dtype=np.int64)
+    if sos:
+        rows.append(np.concatenate([[TYPE_SOS], special[1:]])[None])
+        onset.append([-1]); pitch.append([-1])
+    rows.append(body)
+    onset.append(n[:, BAR] * BAR_RES + n[:, POS]); pitch.append(n[:, PITCH])
+    if eos:
+        rows.append(np.concatenate([[TYPE_EOS], special[1:]])[None])
+        onset.append([-1]); pitch.append([-1])
+    return Tokens(np.concatenate(rows).astype(np.int64),
+                  np.concatenate(onset).astype(np.int64), np.concatenate(pitch).astype(np.int64))
+
+
+def decode_notes(tokens) -> np.ndarray:
+    """Note-based tokens [L, 6] → piece [N, 5]: keeps the note tokens, stops at the first EOS."""
+    t = np.asarray(tokens, dtype=np.int64).reshape(-1, 6)
+    eos = np.nonzero(t[:, 0] == TYPE_EOS)[0]
+    if len(eos):
+        t = t[:eos[0]]
+    t = t[t[:, 0] == TYPE_NOTE]
+    out = np.empty((len(t), 5), dtype=np.int64)
+    out[:, :4] = t[:, 1:5]
+    out[:, DUR] = np.asarray(DURATIONS, dtype=np.int64)[t[:, 5]]
+    return canonical(out)
+
+
+def note_coordinates(tokens) -> Tuple[np.ndarray, np.ndarray]:
+    """Onset and pitch [L] of note-based tokens [L, 6] (−1 on non-note tokens)."""
+    t = np.asarray(tokens, dtype=np.int64).reshape(-1, 6)
+    is_note = t[:, 0] == TYPE_NOTE
+    onset = np.where(is_note, t[:, 1] * BAR_RES + t[:, 2], -1)
+    pitch = np.where(is_note, t[:, 4], -1)
+    return onset, pitch
+
+
+# ---------------------------------------------------------------------------------------------
+def encode_events(notes, *, n_bars: Optional[int] = None, bos: bool = True,
+                  eos: bool = True) -> Tokens:
+    """Piece ``notes [N, 5]`` → event tokens [L]: BOS, per bar Bar_b and per note Position,
+    Track, Pitch, Duration, then EOS. ``n_bars`` (default: last bar with a note + 1) Bar tokens
+    are written, so empty bars inside the piece keep their place."""
+    n = canonical(notes)
+    if n_bars is None:
+        n_bars = int(n[:, BAR].max()) + 1 if len(n) else 0
+    validate_notes(n, max(n_bars, 1))
+    toks: List[int] = [BOS] if bos else []
+    onset: List[int] = [-1] if bos else []
+    pitch: List[int] = [-1] if bos else []
+    bars = n[:, BAR]
+    for b in range(n_bars):
+        toks.append(BAR_OFFSET + b); onset.append(b * BAR_RES); pitch.append(-1)
+        for bar, pos, trk, p, dur in n[bars == b]:
+            on = bar * BAR_RES + pos
+            toks += [POS_OFFSET + pos, TRACK_OFFSET + trk, PITCH_OFFSET + p,
+                     DUR_OFFSET + int(duration_index(dur))]
+            onset += [on] * 4
+            # The pitch becomes known at the Pitch token; before it would leak the target.
+            pitch += [-1, -1, p, p]
+    if eos:
+        toks.append(EOS); onset.append(-1); pitch.append(-1)
+    return Tokens(np.asarray(toks, dtype=np.int64), np.asarray(onset, dtype=np.int64),
+                  np.asarray(pitch, dtype=np.int64))
+
+
+def event_coordinates(tokens) -> Tuple[np.ndarray, np.ndarray]:
+    """Onset and pitch [L] of event tokens [L], as ``encode_events`` assigns them: a running
+    parse (bar from the last Bar token, onset from the last Position token)."""
+    t = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    onset = np.full(len(t), -1, dtype=np.int64)
+    pitch = np.full(len(t), -1, dtype=np.int64)
+    bar, on, p = -1, -1, -1
+    for i, tok in enumerate(t):
+        if BAR_OFFSET <= tok < POS_OFFSET:
+            bar = tok - BAR_OFFSET
+            on, p = bar * BAR_RES, -1
+            onset[i] = on
+        elif POS_OFFSET <= tok < TRACK_OFFSET:
+            on, p = max(bar, 0) * BAR_RES + tok - POS_OFFSET, -1
+            onset[i] = on
+        elif TRACK_OFFSET <= tok < PITCH_OFFSET:
+            onset[i] = on
+        elif PITCH_OFFSET <= tok < DUR_OFFSET:
+            p = tok - PITCH_OFFSET
+            onset[i], pitch[i] = on, p
+        elif DUR_OFFSET <= tok < EVENT_VOCAB:
+            onset[i], pitch[i] = on, p
+    return onset, pitch
+
+
+def decode_events(tokens) -> np.ndarray:
+    """Event tokens [L] → piece [N, 5]. Stops at the first EOS; a note is kept only when its
+    four tokens (Position, Track, Pitch, Duration) follow each other after a Bar token
+    (sampling with ``generate`` always produces such sequences)."""
+    t = [int(x) for x in np.asarray(tokens).reshape(-1)]
+    notes = []
+    bar, i = -1, 0
+    while i < len(t):
+        tok = t[i]
+        if tok == EOS:
+            break
+        if BAR_OFFSET <= tok < POS_OFFSET:
+            bar = tok - BAR_OFFSET
+        elif POS_OFFSET <= tok < TRACK_OFFSET and bar >= 0 and i + 3 < len(t):
+            trk, p, d = t[i + 1] - TRACK_OFFSET, t[i + 2] - PITCH_OFFSET, t[i + 3] - DUR_OFFSET
+            if 0 <= trk < 3 and 0 <= p < 128 and 0 <= d < len(DURATIONS):
+                notes.append((bar, tok - POS_OFFSET, trk, p, DURATIONS[d]))
+                i += 4
+                continue
+        i += 1
+    return canonical(np.asarray(notes, dtype=np.int64).reshape(-1, 5))
+
+
+def n_bars_of_events(tokens) -> int:
+    """Bars spanned by an event sequence (highest Bar token + 1)."""
+    t = np.asarray(tokens).reshape(-1)
+    bars = t[(t >= BAR_OFFSET) & (t < POS_OFFSET)]
+    return int(bars.max() - BAR_OFFSET + 1) if len(bars) else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# MIDI I/O through symusic (imported lazily: ``import fastattn`` needs only torch and numpy).
+def notes_to_score(notes, *, tempo_bpm: float = 120.0, velocity: int = 80):
+    """Piece ``notes [N, 5]`` → ``symusic.Score`` at 12 ticks per quarter, 4/4, one track per
+    track name (MELODY, BRIDGE, PIANO; program 0, like POP909)."""
+    import symusic
+
+    n = canonical(notes)
+    score = symusic.Score(TICKS_PER_BEAT)
+    score.time_signatures.append(symusic.TimeSignature(0, 4, 4))
+    score.tempos.append(symusic.Tempo(0, qpm=float(tempo_bpm)))
+    for k, name in enumerate(TRACK_NAMES):
+        track = symusic.Track(name=name, program=0)
+        for bar, pos, _, p, dur in n[n[:, TRACK] == k]:
+            track.notes.append(symusic.Note(int(bar * BAR_RES + pos), int(dur), int(p),
+                                            int(velocity)))
+        score.tracks.append(track)
+    return score
+
+
+def write_midi(notes, path, **kw) -> None:
+    """Write a piece as a MIDI file (see ``notes_to_score``)."""
+    notes_to_score(notes, **kw).dump_midi(str(path))
+
+
+def track_index(name: str, fallback: int) -> int:
+    """Track id from a track name (MELODY/BRIDGE/PIANO, case-insensitive), else ``fallback``."""
+    key = name.strip().upper()
+    return TRACK_NAMES.index(key) if key in TRACK_NAMES else fallback
+
+
+def score_to_notes(score, *, beat_offset_ticks: float = 0.0, beats_per_bar: int = 4):
+    """``symusic.Score`` (any ticks per quarter) → piece [N, 5] on the 12-per-beat grid.
+
+    Bars are ``beats_per_bar`` quarters long from ``beat_offset_ticks`` (the tick of a downbeat;
+    earlier notes are dropped). Tracks are mapped by name; unnamed non-drum tracks go to PIANO.
+    Durations are snapped and mapped to the nearest known duration.
+    """
+    tpq = score.ticks_per_quarter
+    bar_len = beats_per_bar * TICKS_PER_BEAT
+    rows = []
+    for k, track in enumerate(score.tracks):
+        if track.is_drum or not len(track.notes):
+            continue
+        trk = track_index(track.name, 2)
+        arr = track.notes.numpy()
+        on = np.rint((arr["time"] - beat_offset_ticks) * TICKS_PER_BEAT / tpq).astype(np.int64)
+        dur = np.rint(arr["duration"] * TICKS_PER_BEAT / tpq).astype(np.int64)
+        keep = on >= 0
+        on, dur, p = on[keep], dur[keep], arr["pitch"][keep].astype(np.int64)
+        rows.append(np.stack([on // bar_len, on % bar_len, np.full_like(on, trk), p,
+                              quantize_duration(dur)], axis=1))
+    if not rows:
+        return np.zeros((0, 5), dtype=np.int64)
+    return canonical(np.concatenate(rows))
+
+
+def read_midi(path) -> np.ndarray:
+    """A MIDI file written by ``write_midi`` (or any 4/4 MIDI starting on a downbeat) → piece."""
+    import symusic
+
+    return score_to_notes(symusic.Score(str(path)))

@@ -1,0 +1,267 @@
+"""Training loop for TopK SAEs and BAEs over activation stores (SPEC §5).
+
+    cfg = TrainConfig(model="topk", n_latents=4096, k=32, epochs=1, out_dir="runs/sae")
+    model = train(cfg, open_store("acts/"))
+
+- Adam; batches from the store's seeded per-epoch plan; checkpoints (model, optimizer, position
+  in the data, config) written atomically every ``checkpoint_every`` steps, at the end, and on
+  Ctrl-C; ``resume=True`` continues bit-for-bit from ``out_dir/checkpoint.pt``.
+- Metrics every ``log_every`` steps to ``out_dir/metrics.jsonl`` (and the progress bar): loss
+  terms, FVU, explained variance, L0, dead and dense fractions, BAE entropy bits.
+- ``torchrun --nproc_per_node P``: DistributedDataParallel (gloo on CPU, nccl on CUDA), each
+  rank a disjoint slice of every epoch's batches; rank 0 logs and checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from fastattn.sae.modules import DEAD_TOKENS, DENSE_FREQUENCY, BinaryAutoencoder, TopKSAE, fvu
+from fastattn.sae.stores import ActivationStore
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    model: str = "topk"
+    """"topk" (TopKSAE) or "bae" (BinaryAutoencoder)."""
+    n_latents: Optional[int] = None
+    """Dictionary size n (TopK; default 32,768) or code width d' (BAE; default 4·d)."""
+    k: int = 32
+    """TopK: active latents per token."""
+    normalize_input: bool = False
+    """TopK: scale input rows to norm √d."""
+    aux_k: Optional[int] = None
+    """TopK: AuxK latents (default d // 2)."""
+    aux_coef: float = 1 / 32
+    """TopK: AuxK loss weight."""
+    dead_tokens: int = DEAD_TOKENS
+    """TopK: tokens without firing after which a latent is dead."""
+    ste: str = "reference"
+    """BAE: straight-through estimator ("reference", "identity", "sigmoid")."""
+    recon: str = "mse"
+    """BAE: reconstruction loss ("mse" over elements, or "l2": mean per-sample norm)."""
+    alpha_entropy: float = 1e-7
+    """BAE: α_e, weight of Σ_j h2(p_j)."""
+    alpha_cov: float = 1e-7
+    """BAE: α_c, weight of Σ_{i≠j} |C_ij|."""
+    entropy_off_epochs: int = 0
+    """BAE: epochs at the start with α_e = 0 (the authors: 500 of 2000)."""
+    lr: Optional[float] = None
+    """Adam learning rate (default: BAE 5e-4; TopK 2e-4 · sqrt(16384 / n), Gao et al.)."""
+    batch_size: int = 512
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps in total (None: run all epochs)."""
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    dense_frequency: float = DENSE_FREQUENCY
+    """A latent counts as dense when it fires on more than this fraction of a logging window."""
+    out_dir: str = "runs/sae"
+    backend: str = "auto"
+    device: str = "cpu"
+    progress: bool = True
+
+    def learning_rate(self, n_latents: int) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 5e-4 if self.model == "bae" else 2e-4 * math.sqrt(16384 / n_latents)
+
+
+def build_model(cfg: TrainConfig, d_in: int):
+    """The module ``cfg`` describes, on cfg.device, initialised from torch's current RNG."""
+    if cfg.model == "topk":
+        return TopKSAE(d_in, cfg.n_latents or 32768, cfg.k, normalize_input=cfg.normalize_input,
+                       aux_k=cfg.aux_k, aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens,
+                       backend=cfg.backend, device=cfg.device)
+    if cfg.model == "bae":
+        return BinaryAutoencoder(d_in, cfg.n_latents, ste=cfg.ste, recon=cfg.recon,
+                                 alpha_entropy=cfg.alpha_entropy, alpha_cov=cfg.alpha_cov,
+                                 backend=cfg.backend, device=cfg.device)
+    raise ValueError(f"model must be 'topk' or 'bae', got {cfg.model!r}")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write a temporary file next to ``path``, then rename it over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _Window:
+    """Firing counts over a logging window (dense fraction, L0) on one rank."""
+
+    def __init__(self, n: int, device):
+        self.counts = torch.zeros(n, dtype=torch.long, device=device)
+        self.tokens = 0
+        self.sums = {}
+
+    def add(self, counts, tokens, **values):
+        self.counts += counts
+        self.tokens += tokens
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def summary(self, steps: int, dense_frequency: float) -> dict:
+        freq = self.counts.double() / max(self.tokens, 1)
+        out = {k: v / max(steps, 1) for k, v in self.sums.items()}
+        out["l0"] = float(self.counts.sum()) / max(self.tokens, 1)
+        out["dense_frac"] = float((freq > dense_frequency).double().mean())
+        out["never_fired_frac"] = float((self.counts == 0).double().mean())
+        return out
+
+
+def _distributed():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if world > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def train(cfg: TrainConfig, store: ActivationStore, *, resume: bool = True):
+    """Train the model ``cfg`` describes on ``store``; returns the (unwrapped) model."""
+    rank, world = _distributed()
+    out_dir = Path(cfg.out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = out_dir / CHECKPOINT, out_dir / METRICS
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, store.d)
+    n_latents = model.n_latents if cfg.model == "topk" else model.d_hidden
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate(n_latents))
+    step, epoch, step_in_epoch = 0, 0, 0
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        if rank == 0:
+            _trim_metrics(metrics_path, step)
+    elif rank == 0 and metrics_path.exists():
+        metrics_path.unlink()
+    if cfg.model == "topk" and step == 0:
+        model.set_decoder_norm_to_unit_norm()
+    wrapped = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers (the dead-latent counters) are kept in sync by all-reducing the firing masks
+        # below, not by DDP's broadcast from rank 0.
+        import inspect
+
+        sync = ({"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else {"broadcast_buffers": False})  # torch < 2.13
+        wrapped = DistributedDataParallel(model, **sync)
+
+    def checkpoint():
+        if rank == 0:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                        "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                                        "config": dataclasses.asdict(cfg), "d_in": store.d})
+
+    per_epoch = store.steps_per_epoch(cfg.batch_size, world, drop_last=world > 1)
+    total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=f"train {cfg.model}", dynamic_ncols=True)
+    window = _Window(n_latents, cfg.device)
+    window_steps, t0 = 0, time.time()
+    try:
+        while epoch < cfg.epochs and step < total:
+            for x in store.batches(cfg.batch_size, epoch, cfg.seed, skip=step_in_epoch, rank=rank,
+                                   world=world, drop_last=world > 1):
+                x = x.to(cfg.device)
+                if cfg.model == "bae":
+                    a_e = 0.0 if epoch < cfg.entropy_off_epochs else cfg.alpha_entropy
+                    out = wrapped(x, alpha_entropy=a_e)
+                    counts = out.counts
+                    extra = dict(recon_loss=out.recon_loss.item(), entropy_loss=out.entropy_loss.item(),
+                                 cov_loss=out.cov_loss.item(), entropy_bits=out.entropy_bits,
+                                 fvu=fvu(x, out.x_hat.detach()).item())
+                else:
+                    out = wrapped(x)
+                    counts = torch.bincount(out.indices[out.values > 0], minlength=n_latents)
+                    extra = dict(fvu=out.fvu.item(), auxk_loss=out.auxk_loss.item())
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                if cfg.model == "topk":
+                    model.before_step()
+                opt.step()
+                if cfg.model == "topk":
+                    model.after_step()
+                    fired = counts > 0
+                    if world > 1:
+                        fired_i = fired.to(torch.int32)
+                        dist.all_reduce(fired_i, op=dist.ReduceOp.MAX)
+                        fired = fired_i > 0
+                    model.record_firing(fired, x.shape[0] * world)
+                window.add(counts, x.shape[0], loss=out.loss.item(), **extra)
+                step += 1
+                step_in_epoch += 1
+                window_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.log_every == 0 or step == total:
+                    rec = _log_record(cfg, model, window, window_steps, step, epoch, t0)
+                    if rank == 0:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{rec['loss']:.4g}", fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}")
+                    window, window_steps = _Window(n_latents, cfg.device), 0
+                if step % cfg.checkpoint_every == 0:
+                    checkpoint()
+                if step >= total:
+                    break
+            else:
+                epoch, step_in_epoch = epoch + 1, 0
+        checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        if rank == 0:
+            print(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return model
+
+
+def _log_record(cfg, model, window, window_steps, step, epoch, t0) -> dict:
+    rec = {"step": step, "epoch": epoch, **window.summary(window_steps, cfg.dense_frequency)}
+    rec["explained_variance"] = 1.0 - rec["fvu"]
+    if cfg.model == "topk":
+        rec["dead_frac"] = float(model.dead_mask().double().mean())
+    else:
+        rec["dead_frac"] = rec["never_fired_frac"]  # BAE: no long-horizon counter; none fired in the window
+    rec["time_s"] = round(time.time() - t0, 3)
+    return rec

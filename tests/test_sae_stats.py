@@ -1,0 +1,120 @@
+"""Burstiness, top-10 active features, the 1-bit flip codec, frequency statistics, SAELens I/O."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastattn.sae import BinaryAutoencoder, TopKSAE
+from fastattn.sae.saelens import load_saelens, save_saelens
+from fastattn.sae.stats import (burstiness, decode_flips, encode_flips, feature_frequencies, frequency_histogram,
+                                top_active_features)
+
+
+def test_burstiness_hand_made():
+    h = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 1]])
+    p = torch.tensor([0.5, 0.0, 0.75, 0.125])
+    beta = burstiness(h, p)
+    want = [[math.log2(0.5 + 1e-6), math.log2(1e-6), math.log2(0.25 + 1e-6), math.log2(0.125 + 1e-6)],
+            [math.log2(0.5 + 1e-6), math.log2(1e-6), math.log2(0.25 + 1e-6), math.log2(0.875 + 1e-6)]]
+    assert torch.allclose(beta, torch.tensor(want, dtype=torch.float64))
+
+
+def test_top_active_features_hand_made():
+    # 12 latents; token 0 carries the rare latents 3 and 7 and misses the common latent 0.
+    p = torch.full((12,), 0.5)
+    p[3], p[7], p[0] = 0.01, 0.05, 0.9
+    h = torch.zeros(2, 12)
+    h[0, 3] = h[0, 7] = 1
+    h[1, 0] = 1
+    beta, idx = top_active_features(h, p, k=10)
+    assert idx.shape == (2, 10)
+    # |1 - 0.01| > |1 - 0.05| > |0 - 0.9| > the 0.5s (ties: lower index first)
+    assert idx[0].tolist() == [3, 7, 0, 1, 2, 4, 5, 6, 8, 9]
+    # token 1 is typical: the 0.5s first, then latent 0 (|1 - 0.9|); 7 and 3 are least active
+    assert idx[1].tolist() == [1, 2, 4, 5, 6, 8, 9, 10, 11, 0]
+    assert (beta[:, :-1] >= beta[:, 1:]).all()
+
+
+def test_flip_codec_round_trip():
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(300, generator=g)
+    p[:5] = 0.5  # the tie case: 1s are stored as flips
+    h = torch.rand(257, 300, generator=g) < p
+    code = encode_flips(h, p)
+    assert torch.equal(decode_flips(code), h)
+    flips = (h.double() - p.double()).abs() > 0.5
+    flips[:, :5] = h[:, :5]
+    assert code.bits() == int(flips.sum())  # stores exactly the flips
+    # own statistics, an empty matrix, all-zero rows
+    assert torch.equal(decode_flips(encode_flips(h)), h)
+    z = torch.zeros(3, 9, dtype=torch.bool)
+    c = encode_flips(z)
+    assert c.bits() == 0 and torch.equal(decode_flips(c), z)
+    assert torch.equal(decode_flips(encode_flips(h[:0], p)), h[:0])
+
+
+def test_flip_codec_is_smaller_than_the_code_for_skewed_latents():
+    g = torch.Generator().manual_seed(1)
+    p = torch.rand(512, generator=g) ** 4  # mostly rare latents
+    h = torch.rand(1000, 512, generator=g) < p
+    assert encode_flips(h, p).bits() < 0.2 * h.numel()
+
+
+def test_feature_frequencies_and_histogram(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(300, 8)
+    sae = TopKSAE(8, 40, 3)
+    s = feature_frequencies(sae, x.split(100), dense_frequency=0.2)
+    assert s.tokens == 300 and s.frequency.shape == (40,)
+    assert abs(float(s.frequency.sum()) - 3.0) < 1e-9  # k latents per token (ReLU keeps positives here)
+    assert s.dead == int((s.frequency == 0).sum()) and s.dense == int((s.frequency > 0.2).sum())
+    bae = BinaryAutoencoder(8)
+    b = feature_frequencies(bae, x.split(64))
+    want = ((x @ bae.encoder.weight.t() + bae.encoder.bias) > 0).double().mean(0)
+    assert torch.allclose(b.frequency, want)
+    frequency_histogram({"topk": s, "bae": b}, str(tmp_path / "h.png"))
+    assert (tmp_path / "h.png").stat().st_size > 1000
+    assert json.loads(json.dumps(s.as_dict()))["latents"] == 40
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_saelens_round_trip(tmp_path, normalize):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    sae = TopKSAE(12, 50, 5, normalize_input=normalize)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_pre.normal_()
+    save_saelens(sae, tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["d_in"] == 12 and cfg["d_sae"] == 50 and cfg["activation_fn_kwargs"] == {"k": 5}
+    t = load_file(str(tmp_path / "sae_weights.safetensors"))
+    assert t["W_enc"].shape == (12, 50) and t["W_dec"].shape == (50, 12) and t["b_dec"].shape == (12,)
+    x = torch.randn(20, 12) * 3
+    # the SAELens forward written from the saved tensors alone
+    xs, scale = x, torch.ones(20, 1)
+    if normalize:
+        scale = x.norm(dim=-1, keepdim=True) / 12 ** 0.5
+        xs = x / scale
+    z = (xs - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    top = z.topk(5, dim=-1)
+    acts = torch.zeros_like(z).scatter(-1, top.indices, top.values.relu())
+    want = (acts @ t["W_dec"] + t["b_dec"]) * scale
+    loaded = load_saelens(tmp_path)
+    assert loaded.normalize_input == normalize and loaded.k == 5
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).x_hat, want, atol=1e-5)
+        assert torch.allclose(sae(x).x_hat, want, atol=1e-5)
+
+
+def test_saelens_rejects_other_architectures(tmp_path):
+    save_saelens(TopKSAE(4, 8, 2), tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg.update(architecture="standard", activation_fn_str="relu")
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="not a TopK SAE"):
+        load_saelens(tmp_path)
