@@ -440,16 +440,17 @@ def versions() -> dict:
     return {"torch": torch.__version__, "triton": triton, "commit": commit}
 
 
-def append_rows(path: Path, rows) -> None:
+def append_rows(path: Path, rows, columns=CSV_COLUMNS) -> None:
+    """Append dict rows to a long-format CSV, writing the header for a new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with open(path, newline="") as f:
             header = next(csv.reader(f), None)
-        if tuple(header or ()) != CSV_COLUMNS:
-            raise SystemExit(f"{path} has columns {header}, expected {list(CSV_COLUMNS)}")
+        if tuple(header or ()) != tuple(columns):
+            raise SystemExit(f"{path} has columns {header}, expected {list(columns)}")
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         if new:
             w.writeheader()
         w.writerows(rows)

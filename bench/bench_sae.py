@@ -26,7 +26,6 @@ place of B/H/Lq/Lk/D).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import json
@@ -44,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_circular_relative_attention import _peak_rss_start, device_name, versions  # noqa: E402
+from bench_circular_relative_attention import _peak_rss_start, append_rows, device_name, versions  # noqa: E402
 from fastattn.ops import sae as ops  # noqa: E402
 from fastattn.reference import sae as ref  # noqa: E402
 from fastattn.sae.entropy import entropy_loss_bits  # noqa: E402
@@ -218,21 +217,6 @@ def measure_in_subprocess(spec: dict, timeout: float) -> dict:
     return {"skip": f"subprocess exited with {proc.returncode}: {' | '.join(tail)}"}
 
 
-def append_rows(path: Path, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    if not new:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-        if tuple(header or ()) != CSV_COLUMNS:
-            raise SystemExit(f"{path} has columns {header}, expected {list(CSV_COLUMNS)}")
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -279,7 +263,7 @@ def main(argv=None) -> None:
                     continue
                 print(f"  {mode:<8}{prov:<14}{res['ms']:>10.2f} ms {res['peak_mem_mb']:>10.1f} MB", flush=True)
                 date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-                append_rows(args.out, [{"op": op, "provider": prov, "mode": mode, "shape": shape_str(shape),
+                append_rows(args.out, columns=CSV_COLUMNS, rows=[{"op": op, "provider": prov, "mode": mode, "shape": shape_str(shape),
                                         "dtype": "float32", "ms": f"{res['ms']:.4f}",
                                         "peak_mem_mb": f"{res['peak_mem_mb']:.1f}", "device": meta["device"],
                                         "torch": meta["torch"], "triton": meta["triton"], "commit": meta["commit"],

@@ -35,13 +35,17 @@ def _info(_args) -> int:
     if torch.cuda.is_available():
         print(f"cuda     {torch.cuda.get_device_name()}")
         devices.append(torch.zeros(1, device="cuda"))
-    print("circular_relative_attention backends:")
-    for name in PRIORITY:
-        for x in devices:
-            for dtype in (torch.float32, torch.bfloat16):
-                why = REASONS[name](x.to(dtype))
-                state = "yes" if why is None else f"no ({why})"
-                print(f"  {name:<9} {x.device.type:<4} {str(dtype).replace('torch.', ''):<8} {state}")
+    from fastattn.ops import sae
+
+    for title, reasons in (("circular_relative_attention", REASONS),
+                           ("sae ops (" + ", ".join(sae.OPS) + ")", sae.REASONS)):
+        print(f"{title} backends:")
+        for name in PRIORITY:
+            for x in devices:
+                for dtype in (torch.float32, torch.bfloat16):
+                    why = reasons[name](x.to(dtype))
+                    state = "yes" if why is None else f"no ({why})"
+                    print(f"  {name:<9} {x.device.type:<4} {str(dtype).replace('torch.', ''):<8} {state}")
     return 0
 
 
