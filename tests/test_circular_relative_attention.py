@@ -1,10 +1,15 @@
 """circular_relative_attention: every backend against the reference, semantics, bad input."""
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 
-import pytest
-import torch
+# Triton kernels run on CPU tensors through the interpreter (set before they are imported).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import fastattn
 from fastattn import _ext
@@ -13,12 +18,17 @@ from helpers import TOL, assert_close, make_problem, run
 
 HAVE_CPP = _ext.has_backend("cpp")
 needs_cpp = pytest.mark.skipif(not HAVE_CPP, reason=f"cpp backend not built: {_ext.extension_error()}")
-FUSED = [pytest.param("cpp", marks=needs_cpp)]
+HAVE_TRITON = importlib.util.find_spec("triton") is not None and os.environ["TRITON_INTERPRET"] == "1"
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton missing or TRITON_INTERPRET != 1")
+FUSED = [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
+CPP = [pytest.param("cpp", marks=needs_cpp)]  # tests that need fp64 (the Triton kernels run fp32)
 
 SHAPES = [(1, 1), (7, 7), (129, 129), (1, 9), (5, 33), (20, 150)]
 
 
 def compare(backend, dtype, **cfg):
+    if backend == "triton":  # fp32 kernels: judged at fp32 tolerances
+        dtype = torch.float32
     extra = {k: cfg.pop(k) for k in ("causal", "combine", "alpha", "dropout_p", "dropout_seed") if k in cfg}
     prob = make_problem(dtype=dtype, **cfg)
     out_r, grads_r = run("reference", *prob, **extra)
@@ -45,6 +55,8 @@ def test_terms_grid_fp64(backend, terms, combine, causal):
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_shapes(backend, Lq, Lk, per_head, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels run fp32: the fp32 case covers them")
     compare(backend, dtype, terms="all", Lq=Lq, Lk=Lk, per_head=per_head, causal=True, kpm=Lk > 3,
             D=16 if Lk < 100 else 32, seed=Lq * 1000 + Lk)
 
@@ -93,7 +105,7 @@ def test_dropout_seed_reproducible(backend):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", CPP)
 @pytest.mark.parametrize("terms,combine", [("all", "hadamard"), ("all", "add"), ("direct", "add"),
                                            ("fields", "hadamard")])
 def test_gradcheck(backend, terms, combine):
@@ -113,6 +125,8 @@ def test_gradcheck(backend, terms, combine):
 @pytest.mark.parametrize("backend", ["reference"] + FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fully_masked_rows_give_zeros(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels run fp32")
     q, k, v, onset, pitch, kw, leaves = make_problem(B=2, Lq=5, Lk=9, terms="all", dtype=dtype)
     kpm = torch.zeros(2, 9, dtype=torch.bool)
     kpm[0, :] = True          # batch 0: no key at all
@@ -145,14 +159,15 @@ def test_decode_equals_full_pass(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_backward_deterministic(backend):
-    prob = make_problem(B=2, H=4, Lq=100, Lk=100, terms="all", per_head=False)
+    L = 100 if backend == "cpp" else 40  # the Triton interpreter is slow
+    prob = make_problem(B=2, H=4, Lq=L, Lk=L, terms="all", per_head=False)
     _, g1 = run(backend, *prob)
     _, g2 = run(backend, *prob)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", CPP)
 @pytest.mark.parametrize("threads", [1, 3, 8])
 def test_backward_split_over_query_blocks(backend, threads):
     """Fewer (batch, head) pairs than threads: query blocks are split into chunks whose dK/dV
@@ -274,8 +289,12 @@ def test_bad_input(case):
 
 def test_backend_cannot_run():
     q, k, v, onset, pitch, kw = _base()
-    with pytest.raises(RuntimeError, match="backend='triton' cannot run"):
-        fastattn.circular_relative_attention(q, k, v, onset, pitch, backend="triton", **kw)
+    if HAVE_TRITON:  # the interpreter runs fp32/fp64 CPU tensors, nothing else
+        bf = {n: (t.bfloat16() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+              for n, t in kw.items()}
+        with pytest.raises(RuntimeError, match="backend='triton' cannot run.*got bfloat16"):
+            fastattn.circular_relative_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), onset, pitch,
+                                                 backend="triton", **bf)
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
         fastattn.circular_relative_attention(q, k, v, onset, pitch, backend="cuda", **kw)
     if HAVE_CPP:

@@ -11,7 +11,7 @@ symusic = pytest.importorskip("symusic")
 
 from fastattn.music import tokens as T
 from fastattn.music.data import windows_of
-from fastattn.music.pop909 import load_midi_folder, prepare_pop909_song, seconds_to_ticks
+from fastattn.music.pop909 import load_midi_folder, seconds_to_ticks
 from fastattn.music.synthetic import SyntheticConfig, synthetic_corpus, synthetic_piece
 
 POP909 = Path(os.environ.get("FASTATTN_POP909",

@@ -2,7 +2,6 @@
 cache) of the music Transformer on tiny models."""
 from __future__ import annotations
 
-import os
 import tempfile
 
 import numpy as np
@@ -48,7 +47,7 @@ def _params(path):
 
 def test_resume_is_bit_for_bit_and_ctrl_c_saves(tmp_path, monkeypatch):
     mc = tiny("note", dropout=0.2)  # dropout on: the RNG state must be restored too
-    straight = train(mc, tcfg(tmp_path / "a", max_steps=5), CORPUS)
+    train(mc, tcfg(tmp_path / "a", max_steps=5), CORPUS)  # the uninterrupted run
     # Interrupt at step 3 (KeyboardInterrupt from inside the loop), then resume to step 5.
     real, calls = D.corpus_batch, {"n": 0}
 

@@ -76,7 +76,7 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
-    from fastattn.music.model import ModelConfig, n_params
+    from fastattn.music.model import ModelConfig
     from fastattn.music.train import TrainConfig, train
     c = _corpus(args)
     mc = ModelConfig(representation=args.representation, variant=args.variant,

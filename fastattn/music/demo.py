@@ -4,12 +4,12 @@ On the embedded synthetic corpus by default (or ``--data DIR``): trains each var
 same number of steps with a small model (2 layers, width 128), then reports validation NLL and
 the next-bar metrics side by side, writes continuations (4 bars given → 16 bars) as MIDI and
 the bar-level self-similarity matrices (ground truth and each variant) as one PNG.
-About 3–4 minutes on 2 CPU cores at the defaults.
+About 1.5 minutes on 2 idle CPU cores at the defaults (1 min 17 s measured).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 

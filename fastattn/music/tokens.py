@@ -20,7 +20,7 @@ is the target two tokens later and the relative pitch term would leak it through
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 

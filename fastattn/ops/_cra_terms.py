@@ -11,7 +11,7 @@ the factors. The layout must match ``csrc/include/cra_common.h``.
 from __future__ import annotations
 
 import numbers
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple
 
 import torch
 from torch import Tensor

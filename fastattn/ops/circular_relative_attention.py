@@ -8,6 +8,7 @@ and the public function that validates, picks a backend, and assembles the term 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -80,8 +81,36 @@ def _cuda_reason(q: Tensor) -> Optional[str]:
     return "no CUDA kernel for circular_relative_attention yet"
 
 
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_installed_reason() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return None
+
+
 def _triton_reason(q: Tensor) -> Optional[str]:
-    return "no Triton kernel for circular_relative_attention yet"
+    """Why backend="auto" does not pick Triton (explicit requests use _triton_explicit_reason)."""
+    why = _triton_installed_reason()
+    if why is None:
+        # Correct under the interpreter, but its GPU compilation and speed are not measured yet
+        # (the backward's one-hot scatter in particular), so it is opt-in until they are.
+        why = "not validated on a GPU yet; request backend='triton' explicitly"
+    return why
+
+
+def _triton_explicit_reason(q: Tensor) -> Optional[str]:
+    why = _triton_installed_reason()
+    if why is not None:
+        return why
+    if q.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+        return dtype_device_reason(q, ("cpu",), (torch.float32, torch.float64))
+    return dtype_device_reason(q, ("cuda",), _TRITON_DTYPES)
 
 
 REASONS = {
@@ -90,6 +119,11 @@ REASONS = {
     "cpp": _cpp_reason,
     "reference": lambda q: None,
 }
+
+
+def explicit_reason(backend: str, q: Tensor) -> Optional[str]:
+    """Why an explicitly requested backend cannot run inputs like q (None = it can)."""
+    return _triton_explicit_reason(q) if backend == "triton" else REASONS[backend](q)
 
 
 def circular_relative_attention(
@@ -133,7 +167,13 @@ def circular_relative_attention(
               rel_index_min=rel_index_min, time_min=time_min, pitch_min=pitch_min)
     _cra_terms.validate(q, k, v, onset, pitch, kw, key_padding_mask, combine, time_mode, alpha,
                         scale, dropout_p, check_values=not torch.compiler.is_compiling())
-    name = select(OP, backend, q, REASONS)
+    if backend == "triton":  # explicit: may run where "auto" would not (see _triton_reason)
+        why = explicit_reason("triton", q)
+        if why is not None:
+            raise RuntimeError(f"{OP}: backend='triton' cannot run these inputs: {why}")
+        name = "triton"
+    else:
+        name = select(OP, backend, q, REASONS)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = 0 if dropout_p == 0.0 else (new_seed() if dropout_seed is None else int(dropout_seed))
     if name == "reference":
@@ -142,7 +182,10 @@ def circular_relative_attention(
             key_padding_mask=key_padding_mask, dropout_p=dropout_p, dropout_seed=seed,
             time_mode=time_mode, combine=combine, **kw)
     asm = _cra_terms.assemble(q, k.shape[2], onset, pitch, kw, combine, time_mode)
-    out, _ = torch.ops.fastattn.circular_relative_attention(
+    op = torch.ops.fastattn.circular_relative_attention
+    if name == "triton":
+        from fastattn.triton.circular_relative_attention import circular_relative_attention_op as op
+    out, _ = op(
         q.contiguous(), _dense_rows(k), _dense_rows(v), asm.table, asm.coords, asm.terms,
         float(alpha), scale, bool(causal),
         None if key_padding_mask is None else key_padding_mask.contiguous(), float(dropout_p), seed)

@@ -1,0 +1,462 @@
+"""Triton kernels for circular relative attention: forward (also decoding) and backward.
+
+Same interface as the C++ op: the concatenated table [Ht, N, D], int32 coordinates [B, C, Lk] and
+the term integers built by ``fastattn.ops._cra_terms.assemble``. Two kinds of terms:
+
+- the index term (at most one, first in the table): per (query tile, key tile) its rows form a
+  band of BM + BN - 1 consecutive Δn values, so one ``tl.dot`` of the query tile with that band of
+  the table gives every score the tile needs, picked per (query, key) with ``tl.gather``;
+- the other terms ("small": decomposed/direct time and pitch, at most 4, all rows after the index
+  block, SPAD ≥ their row count): q·E for all their rows is one ``tl.dot`` per query tile, kept in
+  registers for the whole key loop and gathered per (query, key) by the index rules of
+  ``csrc/include/cra_common.h`` computed from O(L) coordinates.
+
+Forward: flash-style online softmax; saves out and log-sum-exp only.
+Backward (deterministic, no float atomics): one kernel over (group of query tiles, batch·head).
+Each program owns its query rows (dq) and accumulates dK/dV, the index-table gradient (indexed by
+Δn) and the small-table gradient into scratch regions that only it touches; torch sums the groups
+afterwards in a fixed order. dS is scattered into the small tables' [BM, SPAD] accumulator with a
+one-hot reduction (Triton has no register scatter-add): correct and deterministic, but its cost
+grows with SPAD, which is the first thing to measure on a GPU (see the issue notes).
+
+Dtypes: fp32, fp16, bf16 (fp32 accumulation). Under TRITON_INTERPRET=1 the kernels run on CPU
+tensors (tests).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Term encoding, as in fastattn/ops/_cra_terms.py.
+_KIND_INDEX, _KIND_DIRECT, _KIND_QUOTIENT, _KIND_FIELDS = 0, 1, 2, 3
+_PART_COMBINED, _PART_HI, _PART_LO = 0, 1, 2
+_TERM_INTS = 9
+_SMALL_INTS = 12
+MAX_SMALL_TERMS = 4
+
+
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x2C1B3C6D
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, threshold):
+    """[BM, BN] keep mask; the recipe of cra_common.h / fastattn/ops/_dropout.py."""
+    golden = tl.full((), 0x9E3779B9, tl.uint32)  # > int32: a plain literal would not fit
+    h0 = _mix32(seed.to(tl.uint32) ^ _mix32(bh.to(tl.uint32) + golden))
+    row = _mix32(h0 + offs_m.to(tl.uint32))
+    x = _mix32(row[:, None] + offs_n.to(tl.uint32)[None, :])
+    return (x >> 8) >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def _term_rows(tp_ptr, t, coords_b, Lk, a_i, offs_n, m_ok, n_ok):
+    """Rows (relative to the small block) and presence [BM, BN] of small term t."""
+    base = tp_ptr + t * 12
+    ch_hi = tl.load(base + 0)
+    ch_lo = tl.load(base + 1)
+    R = tl.load(base + 2)
+    lo_off = tl.load(base + 3)
+    hmin = tl.load(base + 4)
+    n_hi = tl.load(base + 5)
+    n_lo = tl.load(base + 6)
+    mul_hi = tl.load(base + 7)
+    mul_lo = tl.load(base + 8)
+    check_lo = tl.load(base + 9)
+    row_off = tl.load(base + 10)
+    hq = tl.load(coords_b + ch_hi * Lk + a_i, mask=m_ok, other=-1)
+    lq = tl.load(coords_b + ch_lo * Lk + a_i, mask=m_ok, other=-1)
+    hk = tl.load(coords_b + ch_hi * Lk + offs_n, mask=n_ok, other=-1)
+    lk = tl.load(coords_b + ch_lo * Lk + offs_n, mask=n_ok, other=-1)
+    dl = lq[:, None] - lk[None, :] + lo_off
+    borrow = ((R > 0) & (dl < 0)).to(tl.int32)
+    dl = dl + borrow * R
+    dh = hq[:, None] - hk[None, :] - borrow
+    hi = tl.minimum(tl.maximum(dh - hmin, 0), n_hi - 1)
+    lo = tl.minimum(tl.maximum(dl, 0), n_lo - 1)
+    row = row_off + hi * mul_hi + lo * mul_lo
+    ok = (hq >= 0)[:, None] & (hk >= 0)[None, :]
+    ok = ok & ((check_lo == 0) | ((lq >= 0)[:, None] & (lk >= 0)[None, :]))
+    return row, ok
+
+
+@triton.jit
+def _band(table_h, dn_lo, idx_off, idx_n, idx_min, D, offs_d, BAND: tl.constexpr):
+    """Rows of the index table for Δn = dn_lo .. dn_lo + BAND - 1: [BAND, BD]."""
+    dn = dn_lo + tl.arange(0, BAND)
+    rows = idx_off + tl.minimum(tl.maximum(dn - idx_min, 0), idx_n - 1)
+    return tl.load(table_h + rows[:, None] * D + offs_d[None, :], mask=(offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _logits(q, k, qe_small, table_h, coords_b, tp_ptr, kpm_b, a_i, a0, j0, offs_m, offs_n, offs_d,
+            Lq, Lk, D, idx_off, idx_n, idx_min, alpha, scale,
+            CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_IDX: tl.constexpr, NS: tl.constexpr,
+            BN: tl.constexpr, BAND: tl.constexpr, PREC: tl.constexpr):
+    """Scaled logits of one tile [BM, BN] with -inf where masked."""
+    m_ok = offs_m < Lq
+    n_ok = offs_n < Lk
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if HAS_IDX:
+        dn_lo = a0 - (j0 + BN - 1)
+        e = _band(table_h, dn_lo, idx_off, idx_n, idx_min, D, offs_d, BAND)
+        qe = tl.dot(q, tl.trans(e.to(q.dtype)), input_precision=PREC)
+        s += alpha * tl.gather(qe, (a_i[:, None] - offs_n[None, :]) - dn_lo, axis=1)
+    for t in tl.static_range(NS):
+        row, ok = _term_rows(tp_ptr, t, coords_b, Lk, a_i, offs_n, m_ok, n_ok)
+        s += alpha * tl.where(ok, tl.gather(qe_small, row, axis=1), 0.0)
+    s = s * scale
+    visible = m_ok[:, None] & n_ok[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= a_i[:, None])
+    if HAS_KPM:
+        pad = tl.load(kpm_b + offs_n, mask=n_ok, other=1)
+        visible = visible & (pad == 0)[None, :]
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _small_products(q, table_h, small_off, N, D, offs_d, SPAD: tl.constexpr, PREC: tl.constexpr):
+    """q·E for every small-term row: [BM, SPAD] (rows beyond N read as zero)."""
+    rows = small_off + tl.arange(0, SPAD)
+    e = tl.load(table_h + rows[:, None] * D + offs_d[None, :],
+                mask=(rows < N)[:, None] & (offs_d < D)[None, :], other=0.0)
+    return tl.dot(q, tl.trans(e.to(q.dtype)), input_precision=PREC), e
+
+
+@triton.jit
+def _cra_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, coords_ptr, tp_ptr, kpm_ptr, out_ptr, lse_ptr,
+    H, Lq, Lk, D, N, C, table_hs, small_off, idx_off, idx_n, idx_min,
+    sk_b, sk_h, sv_b, sv_h,
+    alpha, scale, seed, threshold, keep_scale,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_IDX: tl.constexpr, NS: tl.constexpr,
+    DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BAND: tl.constexpr, SPAD: tl.constexpr, PREC: tl.constexpr,
+):
+    # q [B, H, Lq, D]; k, v [B, H, Lk, D] (dense rows, strided b/h); out like q; lse [B, H, Lq] fp32
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    a_i = offs_m + (Lk - Lq)
+    a0 = pid_m * BM + (Lk - Lq)
+    m_ok = offs_m < Lq
+    q = tl.load(q_ptr + (bh * Lq + offs_m)[:, None] * D + offs_d[None, :],
+                mask=m_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    table_h = table_ptr + h * table_hs
+    coords_b = coords_ptr + b * C * Lk
+    kpm_b = kpm_ptr + b * Lk
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    if NS > 0:
+        qe_small, _ = _small_products(q, table_h, small_off, N, D, offs_d, SPAD, PREC)
+    else:
+        qe_small = tl.zeros([BM, SPAD], dtype=tl.float32)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    end_n = Lk
+    if CAUSAL:
+        end_n = tl.minimum(Lk, a0 + BM)
+    for j0 in range(0, end_n, BN):
+        offs_n = j0 + tl.arange(0, BN)
+        kv_mask = (offs_n < Lk)[:, None] & (offs_d < D)[None, :]
+        k = tl.load(k_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _logits(q, k, qe_small, table_h, coords_b, tp_ptr, kpm_b, a_i, a0, j0, offs_m, offs_n,
+                    offs_d, Lq, Lk, D, idx_off, idx_n, idx_min, alpha, scale,
+                    CAUSAL, HAS_KPM, HAS_IDX, NS, BN, BAND, PREC)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        corr = tl.exp(m_i - m_safe)
+        l_i = l_i * corr + tl.sum(p, axis=1)
+        if DROPOUT:  # the normaliser uses undropped probabilities
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, threshold)
+            p = tl.where(keep, p * keep_scale, 0.0)
+        acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    has = l_i > 0
+    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    tl.store(out_ptr + (bh * Lq + offs_m)[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_d < D)[None, :])
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ptr + bh * Lq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _rmw(ptr, offs_r, offs_d, D, x, mask):
+    """ptr[r, d] += x for a region only this program touches (so no atomics are needed)."""
+    p = ptr + offs_r[:, None] * D + offs_d[None, :]
+    tl.store(p, tl.load(p, mask=mask, other=0.0) + x, mask=mask)
+
+
+@triton.jit
+def _cra_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, coords_ptr, tp_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr,
+    dq_ptr, dk_ptr, dv_ptr, ddn_ptr, dsmall_ptr,
+    H, Lq, Lk, D, N, C, table_hs, small_off, idx_off, idx_n, idx_min, DN0, NDN, G,
+    sk_b, sk_h, sv_b, sv_h,
+    alpha, scale, seed, threshold, keep_scale,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_IDX: tl.constexpr, NS: tl.constexpr,
+    DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    BAND: tl.constexpr, SPAD: tl.constexpr, PREC: tl.constexpr,
+):
+    # Scratch (fp32, one region per (group, batch·head)): dk/dv [G, B·H, Lk, D],
+    # ddn [G, B·H, NDN, D] (index-table gradient by Δn - DN0), dsmall [G, B·H, SPAD, D].
+    g = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    table_h = table_ptr + h * table_hs
+    coords_b = coords_ptr + b * C * Lk
+    kpm_b = kpm_ptr + b * Lk
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    region = g * tl.num_programs(1) + bh
+    dk_base = dk_ptr + region * Lk * D
+    dv_base = dv_ptr + region * Lk * D
+    ddn_base = ddn_ptr + region * NDN * D
+    dsmall_base = dsmall_ptr + region * SPAD * D
+    n_mtiles = tl.cdiv(Lq, BM)
+    for mt in range(g, n_mtiles, G):
+        offs_m = mt * BM + tl.arange(0, BM)
+        m_ok = offs_m < Lq
+        a_i = offs_m + (Lk - Lq)
+        a0 = mt * BM + (Lk - Lq)
+        qmask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + (bh * Lq + offs_m)[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+        do = tl.load(do_ptr + (bh * Lq + offs_m)[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+        lse = tl.load(lse_ptr + bh * Lq + offs_m, mask=m_ok, other=float("-inf"))
+        delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=m_ok, other=0.0)
+        lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+        if NS > 0:
+            qe_small, e_small = _small_products(q, table_h, small_off, N, D, offs_d, SPAD, PREC)
+        else:
+            qe_small = tl.zeros([BM, SPAD], dtype=tl.float32)
+            e_small = tl.zeros([SPAD, BD], dtype=tl.float32)
+        dq = tl.zeros([BM, BD], tl.float32)
+        dqe_small = tl.zeros([BM, SPAD], tl.float32)
+        end_n = Lk
+        if CAUSAL:
+            end_n = tl.minimum(Lk, a0 + BM)
+        for j0 in range(0, end_n, BN):
+            offs_n = j0 + tl.arange(0, BN)
+            n_ok = offs_n < Lk
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = _logits(q, k, qe_small, table_h, coords_b, tp_ptr, kpm_b, a_i, a0, j0, offs_m, offs_n,
+                        offs_d, Lq, Lk, D, idx_off, idx_n, idx_min, alpha, scale,
+                        CAUSAL, HAS_KPM, HAS_IDX, NS, BN, BAND, PREC)
+            p = tl.where((s == float("-inf")) | (lse == float("-inf"))[:, None], 0.0,
+                         tl.exp(s - lse_safe[:, None]))
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(tl.float32)
+            p_used = p
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m, offs_n, threshold)
+                p_used = tl.where(keep, p * keep_scale, 0.0)
+                dp = tl.where(keep, dp * keep_scale, 0.0)
+            ds = p * (dp - delta[:, None]) * scale  # d loss / d (q·k + alpha·relative)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            _rmw(dv_base, offs_n, offs_d, D, tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PREC), kv_mask)
+            _rmw(dk_base, offs_n, offs_d, D, tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC), kv_mask)
+            if HAS_IDX:
+                # band column c holds Δn = dn_lo + c, i.e. key j = a_i - dn_lo - c of this tile
+                dn_lo = a0 - (j0 + BN - 1)
+                jl = (a_i[:, None] - dn_lo - tl.arange(0, BAND)[None, :]) - j0
+                inside = (jl >= 0) & (jl < BN)
+                dqe = tl.where(inside, tl.gather(ds, tl.minimum(tl.maximum(jl, 0), BN - 1), axis=1), 0.0)
+                dqe = dqe * alpha
+                e = _band(table_h, dn_lo, idx_off, idx_n, idx_min, D, offs_d, BAND)
+                dq += tl.dot(dqe.to(q.dtype), e.to(q.dtype), input_precision=PREC)
+                _rmw(ddn_base, dn_lo - DN0 + tl.arange(0, BAND), offs_d, D,
+                     tl.dot(tl.trans(dqe.to(q.dtype)), q, input_precision=PREC), d_ok[None, :])
+            for t in tl.static_range(NS):
+                row, ok = _term_rows(tp_ptr, t, coords_b, Lk, a_i, offs_n, m_ok, n_ok)
+                onehot = (row[:, :, None] == tl.arange(0, SPAD)[None, None, :]) & ok[:, :, None]
+                dqe_small += alpha * tl.sum(tl.where(onehot, ds[:, :, None], 0.0), axis=1)
+        if NS > 0:
+            dq += tl.dot(dqe_small.to(q.dtype), e_small.to(q.dtype), input_precision=PREC)
+            _rmw(dsmall_base, tl.arange(0, SPAD), offs_d, D, tl.dot(tl.trans(dqe_small.to(q.dtype)), q, input_precision=PREC),
+                 d_ok[None, :])
+        tl.store(dq_ptr + (bh * Lq + offs_m)[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+                 mask=qmask)
+
+
+# ----------------------------------------------------------------------------- host side
+
+class _Plan:
+    """Kernel parameters derived from the term list: index term, small terms, block sizes."""
+
+    def __init__(self, table: Tensor, terms: List[int], Lq: int, Lk: int, D: int):
+        specs = [terms[i:i + _TERM_INTS] for i in range(0, len(terms), _TERM_INTS)]
+        self.N = table.shape[1]
+        self.has_idx = bool(specs) and specs[0][0] == _KIND_INDEX
+        idx = specs[0] if self.has_idx else [0] * _TERM_INTS
+        if any(s[0] == _KIND_INDEX for s in specs[1:]):
+            raise RuntimeError("triton backend: at most one index term, first in the table")
+        self.idx_off, self.idx_n, self.idx_min = idx[8], max(idx[6], 1), idx[5]
+        self.small_off = idx[6] if self.has_idx else 0
+        small = specs[1:] if self.has_idx else specs
+        if len(small) > MAX_SMALL_TERMS:
+            raise RuntimeError(f"triton backend: at most {MAX_SMALL_TERMS} time/pitch terms")
+        rows = []
+        for kind, part, ch_hi, ch_lo, param, hi_min, n_hi, n_lo, off in small:
+            mul_hi = n_lo if part == _PART_COMBINED else (1 if part == _PART_HI else 0)
+            mul_lo = 0 if part == _PART_HI else 1
+            if kind == _KIND_DIRECT:
+                ch_lo, n_lo, mul_hi, mul_lo = ch_hi, 1, 1, 0
+            rows.append([ch_hi, ch_lo, param if kind == _KIND_QUOTIENT else 0,
+                         param if kind == _KIND_FIELDS else 0, hi_min, n_hi, n_lo, mul_hi, mul_lo,
+                         int(kind == _KIND_FIELDS), off - self.small_off, 0])
+        self.ns = len(rows)
+        self.tp = torch.tensor(rows or [[0] * _SMALL_INTS], dtype=torch.int32, device=table.device)
+        self.BD = max(16, triton.next_power_of_2(D))
+        self.BM = 16 if Lq <= 16 else 32
+        self.BN = 32
+        self.BAND = triton.next_power_of_2(self.BM + self.BN - 1)
+        self.SPAD = max(16, triton.next_power_of_2(max(self.N - self.small_off, 1)))
+        n_mtiles = triton.cdiv(Lq, self.BM)
+        # Δn of every band any tile pair can touch: [DN0, DN0 + NDN)
+        self.DN0 = (Lk - Lq) - (triton.cdiv(Lk, self.BN) * self.BN - 1)
+        self.NDN = (n_mtiles * self.BM + Lk - Lq) - self.DN0 + self.BAND
+
+
+def _common_args(p: _Plan, q, k, v, table, coords, kpm, alpha, scale, dropout_p, seed):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    kpm_t = kpm.to(torch.int8) if kpm is not None else torch.zeros(1, dtype=torch.int8, device=q.device)
+    threshold = min(int(dropout_p * (1 << 24)), 1 << 24)
+    return dict(
+        H=H, Lq=Lq, Lk=Lk, D=D, N=p.N, C=coords.shape[1],
+        table_hs=p.N * D if table.shape[0] > 1 else 0,  # per-head tables: next head's block
+        small_off=p.small_off, idx_off=p.idx_off, idx_n=p.idx_n, idx_min=p.idx_min,
+        sk_b=k.stride(0), sk_h=k.stride(1), sv_b=v.stride(0), sv_h=v.stride(1),
+        alpha=float(alpha), scale=float(scale), seed=seed & 0xFFFFFFFF, threshold=threshold,
+        keep_scale=1.0 / (1.0 - dropout_p),
+    ), kpm_t
+
+
+def _constexprs(p: _Plan, causal: bool, kpm, dropout_p: float, dtype: torch.dtype) -> dict:
+    # fp32 inputs keep fp32 products (tl.dot would otherwise use TF32 on NVIDIA GPUs)
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    return dict(CAUSAL=bool(causal), HAS_KPM=kpm is not None, HAS_IDX=p.has_idx, NS=p.ns,
+                DROPOUT=dropout_p > 0.0, BM=p.BM, BN=p.BN, BD=p.BD, BAND=p.BAND, SPAD=p.SPAD,
+                PREC=prec)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, coords: Tensor, terms: List[int],
+            alpha: float, scale: float, causal: bool, kpm: Optional[Tensor], dropout_p: float,
+            seed: int) -> Tuple[Tensor, Tensor]:
+    """out [B, H, Lq, D] (q's dtype) and lse [B, H, Lq] (fp32)."""
+    B, H, Lq, D = q.shape
+    p = _Plan(table, terms, Lq, k.shape[2], D)
+    args, kpm_t = _common_args(p, q, k, v, table, coords, kpm, alpha, scale, dropout_p, seed)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(Lq, p.BM), B * H)
+    _cra_fwd_kernel[grid](q, k, v, table, coords, p.tp, kpm_t, out, lse, **args,
+                          **_constexprs(p, causal, kpm, dropout_p, q.dtype))
+    return out, lse
+
+
+def _fold_index_grad(ddn: Tensor, p: _Plan) -> Tensor:
+    """[Ht, NDN, D] gradient by Δn -> [Ht, idx_n, D] table rows (clamped ends summed)."""
+    Ht, NDN, D = ddn.shape
+    r = torch.arange(NDN, device=ddn.device) + p.DN0 - p.idx_min
+    n = p.idx_n
+    out = ddn.new_zeros(Ht, n, D)
+    mid = (r > 0) & (r < n - 1)
+    out[:, r[mid]] = ddn[:, mid]  # unique rows: an assignment, no accumulation order involved
+    out[:, 0] += ddn[:, r <= 0].sum(1)
+    if n > 1:
+        out[:, n - 1] += ddn[:, r >= n - 1].sum(1)
+    return out
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             table: Tensor, coords: Tensor, terms: List[int], alpha: float, scale: float,
+             causal: bool, kpm: Optional[Tensor], dropout_p: float, seed: int):
+    """(dq, dk, dv, dtable) like q, k, v, table."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    p = _Plan(table, terms, Lq, Lk, D)
+    args, kpm_t = _common_args(p, q, k, v, table, coords, kpm, alpha, scale, dropout_p, seed)
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    n_mtiles = triton.cdiv(Lq, p.BM)
+    # Enough programs to fill a GPU without multiplying scratch needlessly (fixed, so results
+    # do not depend on the device).
+    G = max(1, min(n_mtiles, triton.cdiv(256, B * H)))
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq = torch.empty_like(q)
+    dk = torch.zeros(G, B * H, Lk, D, **f32)
+    dv = torch.zeros(G, B * H, Lk, D, **f32)
+    ddn = torch.zeros(G, B * H, p.NDN if p.has_idx else 1, D, **f32)
+    dsmall = torch.zeros(G, B * H, p.SPAD if p.ns else 1, D, **f32)
+    _cra_bwd_kernel[(G, B * H)](q, k, v, table, coords, p.tp, kpm_t, grad_out, lse, delta,
+                                dq, dk, dv, ddn, dsmall, **args, DN0=p.DN0, NDN=p.NDN, G=G,
+                                **_constexprs(p, causal, kpm, dropout_p, q.dtype))
+    Ht = table.shape[0]
+
+    def per_table(x: Tensor) -> Tensor:  # [G, B·H, R, D] -> [Ht, R, D], summed in a fixed order
+        x = x.sum(0).view(B, H, *x.shape[2:]).sum(0)
+        return x.sum(0, keepdim=True) if Ht == 1 else x
+
+    parts = []
+    if p.has_idx:
+        parts.append(_fold_index_grad(per_table(ddn), p))
+    if p.ns:
+        parts.append(per_table(dsmall)[:, :p.N - p.small_off])
+    dtable = torch.cat(parts, 1) if parts else table.new_zeros(table.shape, dtype=torch.float32)
+    return (dq, dk.sum(0).view(k.shape).to(k.dtype), dv.sum(0).view(v.shape).to(v.dtype),
+            dtable.to(table.dtype))
+
+
+# ----------------------------------------------------------------------------- torch op
+
+@torch.library.custom_op("fastattn_triton::circular_relative_attention", mutates_args=())
+def circular_relative_attention_op(q: Tensor, k: Tensor, v: Tensor, table: Tensor, coords: Tensor,
+                                   terms: List[int], alpha: float, scale: float, causal: bool,
+                                   key_padding_mask: Optional[Tensor], dropout_p: float,
+                                   seed: int) -> Tuple[Tensor, Tensor]:
+    """The Triton twin of torch.ops.fastattn.circular_relative_attention: (out, lse fp32)."""
+    return forward(q, k, v, table, coords, terms, alpha, scale, causal, key_padding_mask, dropout_p, seed)
+
+
+@circular_relative_attention_op.register_fake
+def _(q, k, v, table, coords, terms, alpha, scale, causal, key_padding_mask, dropout_p, seed):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, table, coords, terms, alpha, scale, causal, kpm, dropout_p, seed = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], table, coords, kpm)
+    ctx.args = (terms, alpha, scale, causal, dropout_p, seed)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, table, coords, kpm = ctx.saved_tensors
+    terms, alpha, scale, causal, dropout_p, seed = ctx.args
+    dq, dk, dv, dtable = backward(grad_out, q, k, v, out, lse, table, coords, terms, alpha, scale,
+                                  causal, kpm, dropout_p, seed)
+    return (dq, dk, dv, dtable) + (None,) * 8  # one entry per op input
+
+
+circular_relative_attention_op.register_autograd(_backward, setup_context=_setup)
