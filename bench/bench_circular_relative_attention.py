@@ -191,10 +191,52 @@ def setup_sdpa(cfg: Config, inp: Inputs):
 
 
 def setup_flex(cfg: Config, inp: Inputs):
-    # GPU provider slot: torch.nn.attention.flex_attention with a score_mod that adds
-    # alpha·scale·(qE_idx[b,h,i,row_idx] + qE_time[...] + qE_pitch[...]) from precomputed
-    # [B, H, Lq, N] products, compiled with torch.compile.
-    return Skip("not written yet (FlexAttention with a gathered score_mod)")
+    """FlexAttention with a score_mod gathering from precomputed q·E products [B, H, Lq, N]
+    (the generic route: the index term's product is [B, H, Lq, Lk]). Table gradients flow
+    through the captured products when the installed torch supports that."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:
+        return Skip(f"FlexAttention unavailable in torch {torch.__version__} ({exc})")
+    if set(inp.tables) != {"rel_index_table", "bar_table", "pos_table", "octave_table", "pitch_class_table"}:
+        return Skip("the flex provider implements the paper's three terms only")
+    R, alpha, off = OPTIONS["bar_res"], OPTIONS["alpha"], cfg.Lk - cfg.Lq
+    scale = 1.0 / math.sqrt(cfg.D)
+    t = inp.tables
+    n_idx, n_bar, n_oct = t["rel_index_table"].shape[0], t["bar_table"].shape[0], t["octave_table"].shape[0]
+    onset, pitch = inp.onset, inp.pitch
+    # Per-token quotient/remainder coordinates, so the score_mod needs no division.
+    ob, orr = torch.div(onset, R, rounding_mode="floor"), torch.remainder(onset, R)
+    pb, pc = torch.div(pitch, 12, rounding_mode="floor"), torch.remainder(pitch, 12)
+    flex = flex_attention if inp.q.device.type == "cpu" else torch.compile(flex_attention)
+    block_mask = None
+    if OPTIONS["causal"]:
+        block_mask = create_block_mask(lambda b, h, i, j: j <= i + off, None, None, cfg.Lq, cfg.Lk,
+                                       device=inp.q.device)
+
+    def fwd():
+        q = inp.q
+        qe_idx = q @ t["rel_index_table"].transpose(0, 1)
+        qe_time = q @ (t["bar_table"][:, None] * t["pos_table"][None]).flatten(0, 1).transpose(0, 1)
+        qe_pitch = q @ (t["octave_table"][:, None] * t["pitch_class_table"][None]).flatten(0, 1).transpose(0, 1)
+
+        def score_mod(score, b, h, i, j):
+            a = i + off
+            rel = qe_idx[b, h, i, (a - j - OPTIONS["rel_index_min"]).clamp(0, n_idx - 1)]
+            borrow = (orr[b, a] < orr[b, j]).to(torch.int64)
+            bar = (ob[b, a] - ob[b, j] - borrow - OPTIONS["bar_min"]).clamp(0, n_bar - 1)
+            pos = orr[b, a] - orr[b, j] + borrow * R
+            ok_t = (onset[b, a] >= 0) & (onset[b, j] >= 0)
+            rel = rel + torch.where(ok_t, qe_time[b, h, i, (bar * R + pos).clamp(0, n_bar * R - 1)], 0.0)
+            borrow = (pc[b, a] < pc[b, j]).to(torch.int64)
+            octv = (pb[b, a] - pb[b, j] - borrow - OPTIONS["octave_min"]).clamp(0, n_oct - 1)
+            cls = pc[b, a] - pc[b, j] + borrow * 12
+            ok_p = (pitch[b, a] >= 0) & (pitch[b, j] >= 0)
+            rel = rel + torch.where(ok_p, qe_pitch[b, h, i, (octv * 12 + cls).clamp(0, n_oct * 12 - 1)], 0.0)
+            return score + alpha * scale * rel
+
+        return flex(q, inp.k, inp.v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return fwd, autograd_bwd
 
 
 # name -> setup_<name>(cfg, inp) returning (fwd_fn, bwd_fn) or Skip(reason).
