@@ -1,7 +1,7 @@
 """Builds fastattn and its one extension, fastattn._C.
 
-C++ (CPU, OpenMP) always; CUDA sources too when torch has CUDA and a toolkit is found, unless
-FASTATTN_NO_CUDA=1. Build with `pip install --no-build-isolation -e .` so the extension is
+C++ (CPU, OpenMP) always; the CUDA sources (csrc/cuda) too when there are any, torch has CUDA
+and a toolkit is found, unless FASTATTN_NO_CUDA=1. Build with `pip install --no-build-isolation -e .` so the extension is
 compiled against the torch already installed (an isolated build would fetch another torch).
 """
 import glob
@@ -24,7 +24,7 @@ def rel(pattern):
 
 
 def use_cuda() -> bool:
-    if os.environ.get("FASTATTN_NO_CUDA", "0") == "1":
+    if os.environ.get("FASTATTN_NO_CUDA", "0") == "1" or not rel("csrc/cuda/*.cu"):
         return False
     return torch.version.cuda is not None and CUDA_HOME is not None
 
