@@ -318,6 +318,16 @@ def check(provider: str, cfg: Config) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- measurement
 
+def cuda_peak_mb(fn) -> float:
+    """Peak CUDA memory (MB) that one call of fn allocates beyond what was live before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def _status_kb(field: str) -> int:
     """A ``/proc/self/status`` field in kB (VmRSS: resident now, VmHWM: peak resident)."""
     with open("/proc/self/status") as f:
@@ -401,12 +411,7 @@ def measure(cfg: Config, repeats: int, warmup: int, max_seconds: float) -> dict:
     first, again = _runner(cfg.mode, *fns, inp)
     gc.collect()
     if cfg.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        first()
-        torch.cuda.synchronize()
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        peak_mb = cuda_peak_mb(first)
         from triton.testing import do_bench  # lazily: CPU runs need no triton
         ms = do_bench(again, grad_to_none=inp.leaves(), quantiles=[0.5, 0.2, 0.8])
         return {"ms": ms[0], "p20": ms[1], "p80": ms[2], "peak_mem_mb": peak_mb, "runs": None}

@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_circular_relative_attention import _peak_rss_start, append_rows, device_name, versions  # noqa: E402
+from bench_circular_relative_attention import (  # noqa: E402
+    _peak_rss_start, append_rows, cuda_peak_mb, device_name, versions)
 from fastattn.ops import sae as ops  # noqa: E402
 from fastattn.reference import sae as ref  # noqa: E402
 from fastattn.sae.entropy import entropy_loss_bits  # noqa: E402
@@ -181,12 +182,7 @@ def measure(op: str, provider: str, mode: str, shape: dict, device: str, repeats
     run = runner(setup(op, provider, shape, inp), inp)
     gc.collect()
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        peak = cuda_peak_mb(run)
         from triton.testing import do_bench
 
         ms = do_bench(run, quantiles=[0.5, 0.2, 0.8])

@@ -28,39 +28,46 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-if _ext.extension() is not None:
+def setup_context(ctx, inputs, output):
+    """Autograd context of a fused forward (C++ or Triton op): saves q, k, v, out, lse, ..."""
+    q, k, v, table, coords, terms, alpha, scale, causal, kpm, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, table, coords, kpm)
+    ctx.args = (terms, alpha, scale, causal, dropout_p, seed)
+    ctx.mark_non_differentiable(lse)
 
-    @torch.library.register_fake("fastattn::circular_relative_attention")
-    def _fwd_fake(q, k, v, table, coords, terms, alpha, scale, causal, key_padding_mask,
-                  dropout_p, seed):
-        torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4)
-        torch._check(table.dim() == 3 and table.shape[2] == q.shape[3])
-        B, H, Lq, _ = q.shape
-        return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=_lse_dtype(q.dtype))
+
+def backward_with(kernel):
+    """The autograd backward of a fused op whose backward kernel is ``kernel(grad_out, q, k, v,
+    out, lse, table, coords, terms, alpha, scale, causal, kpm, dropout_p, seed)``."""
+    def _backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, table, coords, kpm = ctx.saved_tensors
+        terms, alpha, scale, causal, dropout_p, seed = ctx.args
+        dq, dk, dv, dtable = kernel(grad_out.contiguous(), q, k, v, out, lse, table, coords, terms,
+                                    alpha, scale, causal, kpm, dropout_p, seed)
+        # One gradient per op input: q, k, v, table, then eight non-differentiable arguments.
+        return (dq, dk, dv, dtable) + (None,) * 8
+    return _backward
+
+
+def _fwd_fake(q, k, v, table, coords, terms, alpha, scale, causal, key_padding_mask, dropout_p, seed):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4)
+    torch._check(table.dim() == 3 and table.shape[2] == q.shape[3])
+    B, H, Lq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=_lse_dtype(q.dtype))
+
+
+if _ext.extension() is not None:
+    torch.library.register_fake("fastattn::circular_relative_attention")(_fwd_fake)
 
     @torch.library.register_fake("fastattn::circular_relative_attention_backward")
     def _bwd_fake(grad_out, q, k, v, out, lse, table, coords, terms, alpha, scale, causal,
                   key_padding_mask, dropout_p, seed):
         return torch.empty_like(q), k.new_empty(k.shape), v.new_empty(v.shape), torch.empty_like(table)
 
-    def _setup_context(ctx, inputs, output):
-        q, k, v, table, coords, terms, alpha, scale, causal, kpm, dropout_p, seed = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, table, coords, kpm)
-        ctx.args = (terms, alpha, scale, causal, dropout_p, seed)
-        ctx.mark_non_differentiable(lse)
-
-    def _backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, table, coords, kpm = ctx.saved_tensors
-        terms, alpha, scale, causal, dropout_p, seed = ctx.args
-        dq, dk, dv, dtable = torch.ops.fastattn.circular_relative_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, table, coords, terms, alpha, scale,
-            causal, kpm, dropout_p, seed)
-        # One gradient per op input: q, k, v, table, then eight non-differentiable arguments.
-        return (dq, dk, dv, dtable) + (None,) * 8
-
-    torch.library.register_autograd("fastattn::circular_relative_attention", _backward,
-                                    setup_context=_setup_context)
+    torch.library.register_autograd(
+        "fastattn::circular_relative_attention",
+        backward_with(torch.ops.fastattn.circular_relative_attention_backward), setup_context=setup_context)
 
 
 def _dense_rows(t: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from fastattn import _ext
 from fastattn.backends import BACKENDS, dtype_device_reason, select
+from fastattn.ops import _sae_glue as G
 from fastattn.reference import sae as _ref
 
 STE_MODES = _ref.STE_MODES
@@ -62,68 +63,37 @@ HAVE_COMPILED = _have_compiled_ops()
 
 if HAVE_COMPILED:
 
-    @torch.library.register_fake("fastattn::topk_encode")
-    def _topk_fake(x, weight, bias, k):
-        torch._check(x.dim() == 2 and weight.dim() == 2 and weight.shape[1] == x.shape[1])
-        torch._check(1 <= k <= weight.shape[0])
-        return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
+    torch.library.register_fake("fastattn::topk_encode")(G.topk_fake)
 
     @torch.library.register_fake("fastattn::topk_encode_backward")
     def _topk_bwd_fake(grad_values, x, weight, indices):
         return torch.empty_like(x), torch.empty_like(weight), weight.new_empty((weight.shape[0],))
-
-    def _topk_setup(ctx, inputs, output):
-        x, weight, bias, _k = inputs
-        _values, indices = output
-        ctx.save_for_backward(x, weight, indices)
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(indices)
 
     def _topk_backward(ctx, grad_values, _grad_indices):
         x, weight, indices = ctx.saved_tensors
         dx, dw, db = torch.ops.fastattn.topk_encode_backward(grad_values.contiguous(), x, weight, indices)
         return dx, dw, (db if ctx.has_bias else None), None
 
-    torch.library.register_autograd("fastattn::topk_encode", _topk_backward, setup_context=_topk_setup)
+    torch.library.register_autograd("fastattn::topk_encode", _topk_backward, setup_context=G.topk_setup)
 
-    @torch.library.register_fake("fastattn::sparse_decode")
-    def _decode_fake(values, indices, weight, bias):
-        torch._check(values.dim() == 2 and indices.shape == values.shape and weight.dim() == 2)
-        return values.new_empty((values.shape[0], weight.shape[1]))
+    torch.library.register_fake("fastattn::sparse_decode")(G.decode_fake)
 
     @torch.library.register_fake("fastattn::sparse_decode_backward")
     def _decode_bwd_fake(grad_out, values, indices, weight):
         return torch.empty_like(values), torch.empty_like(weight), weight.new_empty((weight.shape[1],))
-
-    def _decode_setup(ctx, inputs, output):
-        values, indices, weight, bias = inputs
-        ctx.save_for_backward(values, indices, weight)
-        ctx.has_bias = bias is not None
 
     def _decode_backward(ctx, grad_out):
         values, indices, weight = ctx.saved_tensors
         dv, dw, db = torch.ops.fastattn.sparse_decode_backward(grad_out.contiguous(), values, indices, weight)
         return dv, None, dw, (db if ctx.has_bias else None)
 
-    torch.library.register_autograd("fastattn::sparse_decode", _decode_backward, setup_context=_decode_setup)
+    torch.library.register_autograd("fastattn::sparse_decode", _decode_backward, setup_context=G.decode_setup)
 
-    @torch.library.register_fake("fastattn::binary_encode")
-    def _bin_fake(x, weight, bias, return_code, ste):
-        torch._check(x.dim() == 2 and weight.dim() == 2 and weight.shape[1] == x.shape[1])
-        N, n = x.shape[0], weight.shape[0]
-        return (x.new_empty((N, n if return_code else 0)), x.new_empty((N, (n + 7) // 8), dtype=torch.uint8),
-                x.new_empty((n,), dtype=torch.long))
+    torch.library.register_fake("fastattn::binary_encode")(G.binary_encode_fake)
 
     @torch.library.register_fake("fastattn::binary_encode_backward")
     def _bin_bwd_fake(grad_code, x, weight, bias, ste):
         return torch.empty_like(x), torch.empty_like(weight), weight.new_empty((weight.shape[0],))
-
-    def _bin_setup(ctx, inputs, output):
-        x, weight, bias, _return_code, ste = inputs
-        ctx.save_for_backward(x, weight, bias)
-        ctx.ste = ste
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(output[1], output[2])
 
     def _bin_backward(ctx, grad_code, _gp, _gc):
         x, weight, bias = ctx.saved_tensors
@@ -132,27 +102,11 @@ if HAVE_COMPILED:
         dx, dw, db = torch.ops.fastattn.binary_encode_backward(grad_code.contiguous(), x, weight, bias, ctx.ste)
         return dx, dw, (db if ctx.has_bias else None), None, None
 
-    torch.library.register_autograd("fastattn::binary_encode", _bin_backward, setup_context=_bin_setup)
+    torch.library.register_autograd("fastattn::binary_encode", _bin_backward, setup_context=G.binary_encode_setup)
 
-    @torch.library.register_fake("fastattn::binary_covariance_penalty")
-    def _cov_fake(h, compute_grad):
-        torch._check(h.dim() == 2)
-        return h.new_empty(()), h.new_empty((h.shape[0] if compute_grad else 0, h.shape[1]))
-
-    def _cov_setup(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(output[1])
-
-    def _cov_backward(ctx, grad_value, _grad_unit):
-        (unit,) = ctx.saved_tensors
-        if unit.shape[0] == 0:
-            raise RuntimeError("binary_covariance_penalty was called with compute_grad=False; "
-                               "call it with compute_grad=True to differentiate it")
-        # The forward pass already computed d(penalty)/dh in the same tiles (one pass, not two).
-        return grad_value * unit, None
-
-    torch.library.register_autograd("fastattn::binary_covariance_penalty", _cov_backward,
-                                    setup_context=_cov_setup)
+    torch.library.register_fake("fastattn::binary_covariance_penalty")(G.covariance_fake)
+    torch.library.register_autograd("fastattn::binary_covariance_penalty", G.covariance_backward,
+                                    setup_context=G.covariance_setup)
 
 
 # ----------------------------------------------------------------------------- backends

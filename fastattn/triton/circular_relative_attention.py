@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastattn.ops.circular_relative_attention import backward_with, setup_context
+
 # Term encoding, as in fastattn/ops/_cra_terms.py.
 _KIND_INDEX, _KIND_DIRECT, _KIND_QUOTIENT, _KIND_FIELDS = 0, 1, 2, 3
 _PART_COMBINED, _PART_HI, _PART_LO = 0, 1, 2
@@ -444,19 +446,5 @@ def _(q, k, v, table, coords, terms, alpha, scale, causal, key_padding_mask, dro
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _setup(ctx, inputs, output):
-    q, k, v, table, coords, terms, alpha, scale, causal, kpm, dropout_p, seed = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], table, coords, kpm)
-    ctx.args = (terms, alpha, scale, causal, dropout_p, seed)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, table, coords, kpm = ctx.saved_tensors
-    terms, alpha, scale, causal, dropout_p, seed = ctx.args
-    dq, dk, dv, dtable = backward(grad_out, q, k, v, out, lse, table, coords, terms, alpha, scale,
-                                  causal, kpm, dropout_p, seed)
-    return (dq, dk, dv, dtable) + (None,) * 8  # one entry per op input
-
-
-circular_relative_attention_op.register_autograd(_backward, setup_context=_setup)
+# The same autograd glue as the C++ op, with this module's backward kernel.
+circular_relative_attention_op.register_autograd(backward_with(backward), setup_context=setup_context)

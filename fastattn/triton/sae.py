@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastattn.ops import _sae_glue as G
+
 INT64_MIN = -(2 ** 63)
 
 
@@ -342,16 +344,7 @@ def _topk_encode_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -
     return _topk_encode_launch(x, weight, bias, k)
 
 
-@_topk_encode_op.register_fake
-def _(x, weight, bias, k):
-    return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
-
-
-def _topk_setup(ctx, inputs, output):
-    x, weight, bias, _k = inputs
-    ctx.save_for_backward(x, weight, output[1])
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(output[1])
+_topk_encode_op.register_fake(G.topk_fake)
 
 
 def _topk_backward(ctx, grad_values, _grad_indices):
@@ -362,7 +355,7 @@ def _topk_backward(ctx, grad_values, _grad_indices):
     return dx, dw, (db if ctx.has_bias else None), None
 
 
-_topk_encode_op.register_autograd(_topk_backward, setup_context=_topk_setup)
+_topk_encode_op.register_autograd(_topk_backward, setup_context=G.topk_setup)
 
 
 @torch.library.custom_op("fastattn_triton::sparse_decode", mutates_args=())
@@ -370,15 +363,7 @@ def _sparse_decode_op(values: Tensor, indices: Tensor, weight: Tensor, bias: Opt
     return _gather_combine_launch(values, indices, weight, bias)
 
 
-@_sparse_decode_op.register_fake
-def _(values, indices, weight, bias):
-    return values.new_empty((values.shape[0], weight.shape[1]))
-
-
-def _decode_setup(ctx, inputs, output):
-    values, indices, weight, bias = inputs
-    ctx.save_for_backward(values, indices, weight)
-    ctx.has_bias = bias is not None
+_sparse_decode_op.register_fake(G.decode_fake)
 
 
 def _decode_backward(ctx, grad_out):
@@ -389,7 +374,7 @@ def _decode_backward(ctx, grad_out):
     return dvalues, None, dw, (g.sum(0) if ctx.has_bias else None)
 
 
-_sparse_decode_op.register_autograd(_decode_backward, setup_context=_decode_setup)
+_sparse_decode_op.register_autograd(_decode_backward, setup_context=G.decode_setup)
 
 
 @torch.library.custom_op("fastattn_triton::binary_encode", mutates_args=())
@@ -398,18 +383,7 @@ def _binary_encode_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], return_
     return _binary_encode_launch(x, weight, bias, return_code)
 
 
-@_binary_encode_op.register_fake
-def _(x, weight, bias, return_code, ste):
-    N, n = x.shape[0], weight.shape[0]
-    return (x.new_empty((N, n if return_code else 0)), x.new_empty((N, (n + 7) // 8), dtype=torch.uint8),
-            x.new_empty((n,), dtype=torch.long))
-
-
-def _bin_setup(ctx, inputs, output):
-    x, weight, bias, _return_code, ste = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.ste, ctx.has_bias = ste, bias is not None
-    ctx.mark_non_differentiable(output[1], output[2])
+_binary_encode_op.register_fake(G.binary_encode_fake)
 
 
 def _bin_backward(ctx, grad_code, _gp, _gc):
@@ -427,7 +401,7 @@ def _bin_backward(ctx, grad_code, _gp, _gc):
     return gz @ weight, gz.t() @ x, (gz.sum(0) if ctx.has_bias else None), None, None
 
 
-_binary_encode_op.register_autograd(_bin_backward, setup_context=_bin_setup)
+_binary_encode_op.register_autograd(_bin_backward, setup_context=G.binary_encode_setup)
 
 
 @torch.library.custom_op("fastattn_triton::binary_covariance_penalty", mutates_args=())
@@ -435,24 +409,10 @@ def _covariance_op(h: Tensor, compute_grad: bool) -> Tuple[Tensor, Tensor]:
     return _covariance_launch(h, compute_grad)
 
 
-@_covariance_op.register_fake
-def _(h, compute_grad):
-    return h.new_empty(()), h.new_empty((h.shape[0] if compute_grad else 0, h.shape[1]))
+_covariance_op.register_fake(G.covariance_fake)
 
 
-def _cov_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _cov_backward(ctx, grad_value, _grad_unit):
-    (unit,) = ctx.saved_tensors
-    if unit.shape[0] == 0:
-        raise RuntimeError("binary_covariance_penalty was called with compute_grad=False")
-    return grad_value * unit, None
-
-
-_covariance_op.register_autograd(_cov_backward, setup_context=_cov_setup)
+_covariance_op.register_autograd(G.covariance_backward, setup_context=G.covariance_setup)
 
 
 # ----------------------------------------------------------------------------- entry points (validated inputs)
