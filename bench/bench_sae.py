@@ -2,7 +2,8 @@
 """Benchmark the fused SAE kernels against plain PyTorch (SPEC §7).
 
     python bench/bench_sae.py                          # CPU: the default shapes below
-    python bench/bench_sae.py --device cuda            # GPU providers (fastattn triton, torch)
+    python bench/bench_sae.py --device cuda            # GPU providers (fastattn cuda, triton, torch)
+    python bench/bench_sae.py --device cuda --shape-set large --dtype bfloat16   # the GPU targets
     python bench/bench_sae.py --quick --out /tmp/sae.csv   # smoke run on small shapes
 
 Ops (one shape each, overridable):
@@ -13,6 +14,14 @@ Ops (one shape each, overridable):
                       fused: BinaryAutoencoder (binary_encode + binary_covariance_penalty);
                       torch: linear + STE binarise + torch.cov penalty, as the authors' code.
   covariance_penalty  Σ_{i≠j}|C_ij| of a binary code alone, N=4096, d'=2048: the fused op vs torch.cov.
+  topk_encoder        the TopK encoder alone (fused topk_encode vs F.linear + torch.topk), for its
+                      peak memory against plain PyTorch's.
+Providers: fused_cuda / fused_triton / fused_cpp (fastattn backends), torch (plain PyTorch) and,
+for topk_sae / topk_encoder, gemm: the plain encoder GEMM F.linear(x, W_enc) alone (forward only),
+the roofline the fused step is compared with ("step / gemm" in the printed ratios).
+--shape-set large: N=4096, d=2048, n=32768, k=32 (TopK) and d'=8192 (BAE, covariance), the shapes
+of the GPU targets (fused step >= 50% of the GEMM roofline, encoder peak memory <= 0.3x
+plain PyTorch's, BAE step >= 3x faster than plain PyTorch).
 Modes: fwd (no_grad) and fwd_bwd (forward + backward of a scalar loss).
 
 Every provider is checked against the other providers' result on a small shape before timing.
@@ -52,12 +61,19 @@ from fastattn.sae.entropy import entropy_loss_bits  # noqa: E402
 CSV_COLUMNS = ("op", "provider", "mode", "shape", "dtype", "ms", "peak_mem_mb", "device", "torch", "triton",
                "commit", "date")
 SHAPES = {"topk_sae": dict(N=4096, d=512, n=8192, k=32),
+          "topk_encoder": dict(N=4096, d=512, n=8192, k=32),
           "bae_step": dict(N=4096, d=512, n=2048),
           "covariance_penalty": dict(N=4096, n=2048)}
-QUICK = {"topk_sae": dict(N=256, d=64, n=1024, k=16), "bae_step": dict(N=256, d=32, n=128),
-         "covariance_penalty": dict(N=256, n=128)}
-CHECK = {"topk_sae": dict(N=64, d=32, n=300, k=8), "bae_step": dict(N=64, d=16, n=64),
-         "covariance_penalty": dict(N=64, n=100)}
+# the GPU targets' shapes (--shape-set large)
+SHAPES_LARGE = {"topk_sae": dict(N=4096, d=2048, n=32768, k=32),
+                 "topk_encoder": dict(N=4096, d=2048, n=32768, k=32),
+                 "bae_step": dict(N=4096, d=2048, n=8192),
+                 "covariance_penalty": dict(N=4096, n=8192)}
+QUICK = {"topk_sae": dict(N=256, d=64, n=1024, k=16), "topk_encoder": dict(N=256, d=64, n=1024, k=16),
+         "bae_step": dict(N=256, d=32, n=128), "covariance_penalty": dict(N=256, n=128)}
+CHECK = {"topk_sae": dict(N=64, d=32, n=300, k=8), "topk_encoder": dict(N=64, d=32, n=300, k=8),
+         "bae_step": dict(N=64, d=16, n=64), "covariance_penalty": dict(N=64, n=100)}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MODES = ("fwd", "fwd_bwd")
 ALPHA = 1e-7  # BAE α_e = α_c
 
@@ -78,7 +94,7 @@ def make_inputs(op: str, shape: dict, device: str, grad: bool, dtype=torch.float
         return {"h": h.requires_grad_(grad)}
     d = shape["d"]
     x = torch.randn(N, d, generator=g).to(device=device, dtype=dtype)
-    if op == "topk_sae":
+    if op in ("topk_sae", "topk_encoder"):
         w = torch.randn(n, d, generator=g)
         w = (w / w.norm(dim=1, keepdim=True)).to(device=device, dtype=dtype)
         return {"x": x, "W_enc": w.clone().requires_grad_(grad), "b_enc": rnd(n, scale=0.0),
@@ -99,6 +115,13 @@ def _topk_sae(inp: dict, k: int, backend: Optional[str]):
     return ops.sparse_decode(F.relu(v), i, inp["W_dec"], b_pre, backend=backend, check_indices=False)
 
 
+def _topk_encoder(inp: dict, k: int, backend: Optional[str]):
+    x = inp["x"] - inp["b_pre"]
+    if backend is None:  # plain PyTorch: the [N, n] pre-activations, then topk
+        return F.linear(x, inp["W_enc"], inp["b_enc"]).topk(k, dim=1).values
+    return ops.topk_encode(x, inp["W_enc"], inp["b_enc"], k, backend=backend, check_finite=False).values
+
+
 def _bae_loss(inp: dict, backend: Optional[str]):
     x = inp["x"]
     if backend is None:  # the authors' formulation: dense linear, STE, torch.cov
@@ -113,14 +136,20 @@ def _bae_loss(inp: dict, backend: Optional[str]):
 
 def setup(op: str, provider: str, shape: dict, inp: dict):
     """fn() -> the op's output (a tensor; for fwd_bwd its sum is the loss), or a str reason."""
-    backend = {"torch": None, "fused_cpp": "cpp", "fused_triton": "triton"}[provider]
+    if provider == "gemm":  # the encoder-GEMM roofline: F.linear alone, no bias, no selection
+        if op not in ("topk_sae", "topk_encoder"):
+            return "the GEMM roofline is defined for the TopK encoder only"
+        return lambda: F.linear(inp["x"], inp["W_enc"])
+    backend = {"torch": None, "fused_cpp": "cpp", "fused_triton": "triton", "fused_cuda": "cuda"}[provider]
     if backend is not None:
         probe = next(iter(inp.values()))
-        why = ops.REASONS[backend](probe) if backend != "triton" else ops._triton_reason(probe)
+        why = ops.REASONS[backend](probe)
         if why:
             return why
     if op == "topk_sae":
         return lambda: (_topk_sae(inp, shape["k"], backend) - inp["x"]).pow(2).sum()
+    if op == "topk_encoder":
+        return lambda: _topk_encoder(inp, shape["k"], backend).pow(2).sum()
     if op == "bae_step":
         return lambda: _bae_loss(inp, backend)
     if backend is None:
@@ -132,6 +161,10 @@ def check(op: str, providers, device: str) -> Dict[str, Optional[str]]:
     """Reason per provider why it is not usable (None = matches the others at the check shape)."""
     results, reasons = {}, {}
     for p in providers:
+        if p == "gemm":  # a baseline, not an implementation of the op: nothing to compare
+            reasons[p] = setup(op, p, CHECK[op], make_inputs(op, CHECK[op], device, grad=False))
+            reasons[p] = reasons[p] if isinstance(reasons[p], str) else None
+            continue
         inp = make_inputs(op, CHECK[op], device, grad=True, dtype=torch.float64 if device == "cpu" and p != "fused_triton" else torch.float32)
         fn = setup(op, p, CHECK[op], inp)
         if isinstance(fn, str):
@@ -146,9 +179,9 @@ def check(op: str, providers, device: str) -> Dict[str, Optional[str]]:
         results[p] = [out.detach().double().cpu()] + [t.grad.double().cpu() for t in inp.values()
                                                       if t.requires_grad and t.grad is not None]
         reasons[p] = None
-    base = next((p for p in providers if reasons.get(p) is None), None)
+    base = next((p for p in providers if reasons.get(p) is None and p != "gemm"), None)
     for p in providers:
-        if reasons.get(p) is None and p != base:
+        if reasons.get(p) is None and p not in (base, "gemm"):
             for a, b in zip(results[p], results[base]):
                 if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
                     reasons[p] = f"differs from {base} by {(a - b).abs().max().item():.3g}"
@@ -158,9 +191,13 @@ def check(op: str, providers, device: str) -> Dict[str, Optional[str]]:
 
 # ----------------------------------------------------------------------------- measurement
 
-def measure(op: str, provider: str, mode: str, shape: dict, device: str, repeats: int, warmup: int) -> dict:
+def measure(op: str, provider: str, mode: str, shape: dict, device: str, repeats: int, warmup: int,
+            dtype: str = "float32") -> dict:
     grad = mode == "fwd_bwd"
-    tiny = make_inputs(op, QUICK[op], device, grad)
+    if provider == "gemm" and grad:
+        return {"skip": "the GEMM roofline is timed forward only"}
+    tdtype = DTYPES[dtype]
+    tiny = make_inputs(op, QUICK[op], device, grad, dtype=tdtype)
     fn = setup(op, provider, QUICK[op], tiny)
     if isinstance(fn, str):
         return {"skip": fn}
@@ -178,7 +215,7 @@ def measure(op: str, provider: str, mode: str, shape: dict, device: str, repeats
 
     runner(fn, tiny)()  # prime code paths, allocators, thread pools
     del fn, tiny
-    inp = make_inputs(op, shape, device, grad)
+    inp = make_inputs(op, shape, device, grad, dtype=tdtype)
     run = runner(setup(op, provider, shape, inp), inp)
     gc.collect()
     if device == "cuda":
@@ -219,7 +256,11 @@ def main(argv=None) -> None:
     p.add_argument("--ops", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--providers", nargs="+", default=None,
-                   help="default: cpu: fused_cpp torch; cuda: fused_triton torch")
+                   help="default: cpu: fused_cpp torch; cuda: fused_cuda fused_triton torch gemm")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="dtype of the timed runs (the correctness check runs in fp32/fp64)")
+    p.add_argument("--shape-set", choices=("default", "large"), default="default",
+                   help="large: the shapes of the GPU targets (see the module docstring)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--timeout", type=float, default=900.0)
@@ -235,13 +276,14 @@ def main(argv=None) -> None:
             res = {"skip": f"raised {type(exc).__name__}: {exc}"}
         print("RESULT " + json.dumps(res), flush=True)
         return
-    providers = args.providers or (["fused_cpp", "torch"] if args.device == "cpu" else ["fused_triton", "torch"])
+    providers = args.providers or (["fused_cpp", "torch"] if args.device == "cpu"
+                                   else ["fused_cuda", "fused_triton", "torch", "gemm"])
     meta = {**versions(), "device": device_name(args.device)}
     print(f"SAE benchmark: {meta['device']}, torch {meta['torch']}, triton {meta['triton'] or '-'}, "
           f"commit {meta['commit'] or '-'}")
     written = 0
     for op in args.ops:
-        shape = QUICK[op] if args.quick else SHAPES[op]
+        shape = QUICK[op] if args.quick else (SHAPES_LARGE if args.shape_set == "large" else SHAPES)[op]
         reasons = check(op, providers, args.device)
         print(f"\n{op}  {shape_str(shape)}  (check: " + ", ".join(
             f"{p} {'ok' if r is None else 'skipped: ' + r}" for p, r in reasons.items()) + ")")
@@ -251,7 +293,7 @@ def main(argv=None) -> None:
                 if reasons.get(prov) is not None:
                     continue
                 spec = dict(op=op, provider=prov, mode=mode, shape=shape, device=args.device,
-                            repeats=args.repeats, warmup=args.warmup)
+                            repeats=args.repeats, warmup=args.warmup, dtype=args.dtype)
                 res = measure(**spec) if args.device == "cuda" else measure_in_subprocess(spec, args.timeout)
                 res_of[(mode, prov)] = res
                 if "skip" in res:
@@ -260,16 +302,23 @@ def main(argv=None) -> None:
                 print(f"  {mode:<8}{prov:<14}{res['ms']:>10.2f} ms {res['peak_mem_mb']:>10.1f} MB", flush=True)
                 date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                 append_rows(args.out, columns=CSV_COLUMNS, rows=[{"op": op, "provider": prov, "mode": mode, "shape": shape_str(shape),
-                                        "dtype": "float32", "ms": f"{res['ms']:.4f}",
+                                        "dtype": args.dtype, "ms": f"{res['ms']:.4f}",
                                         "peak_mem_mb": f"{res['peak_mem_mb']:.1f}", "device": meta["device"],
                                         "torch": meta["torch"], "triton": meta["triton"], "commit": meta["commit"],
                                         "date": date}])
                 written += 1
-            fused = next((res_of[(mode, p)] for p in providers if p.startswith("fused") and "ms" in res_of.get((mode, p), {})), None)
             plain = res_of.get((mode, "torch"), {})
-            if fused and "ms" in plain:
-                print(f"  {mode:<8}ratio torch/fused: time {plain['ms'] / fused['ms']:.2f}x, "
-                      f"peak memory {plain['peak_mem_mb'] / max(fused['peak_mem_mb'], 0.1):.1f}x")
+            gemm = res_of.get(("fwd", "gemm"), {})
+            for p in providers:
+                fused = res_of.get((mode, p), {})
+                if not p.startswith("fused") or "ms" not in fused:
+                    continue
+                if "ms" in plain:
+                    print(f"  {mode:<8}ratio torch/{p}: time {plain['ms'] / fused['ms']:.2f}x, "
+                          f"peak memory {plain['peak_mem_mb'] / max(fused['peak_mem_mb'], 0.1):.1f}x")
+                if "ms" in gemm:
+                    print(f"  {mode:<8}GEMM roofline / {p}: {gemm['ms'] / fused['ms']:.2f} "
+                          f"(GEMM {gemm['ms']:.3f} ms)")
     print(f"\n{written} rows appended to {args.out}")
 
 

@@ -1,4 +1,4 @@
-"""Command line: `fastattn info | demo | music ... | sae ...` (also `python -m fastattn ...`)."""
+"""Command line: `fastattn info | demo | music ... | sae ... | analyze ...` (also `python -m fastattn ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ def _info(_args) -> int:
 
     import fastattn
     from fastattn import _ext
-    from fastattn.backends import PRIORITY
+    from fastattn.backends import PRIORITY, auto_reason
     from fastattn.ops.circular_relative_attention import REASONS
 
     print(f"fastattn {fastattn.__version__}")
@@ -44,7 +44,8 @@ def _info(_args) -> int:
             for x in devices:
                 for dtype in (torch.float32, torch.bfloat16):
                     why = reasons[name](x.to(dtype))
-                    state = "yes" if why is None else f"no ({why})"
+                    auto = auto_reason(name, x.to(dtype), reasons)
+                    state = "no (" + why + ")" if why else "yes" + ("" if auto is None else f"; not under auto: {auto}")
                     print(f"  {name:<9} {x.device.type:<4} {str(dtype).replace('torch.', ''):<8} {state}")
     return 0
 
@@ -57,7 +58,7 @@ def _demo(args) -> int:
 
 # Command groups living in subpackages; each module exposes register(subparsers) and imports
 # its heavy dependencies (symusic, matplotlib, safetensors, ...) only when a command runs.
-_GROUPS = ("fastattn.music.cli", "fastattn.sae.cli")
+_GROUPS = ("fastattn.music.cli", "fastattn.sae.cli", "fastattn.analyze.cli")
 
 
 def main(argv=None) -> int:

@@ -87,6 +87,46 @@ def make_problem(B=2, H=3, Lq=7, Lk=7, D=16, terms="all", per_head=False, dtype=
 def run(backend, q, k, v, onset, pitch, kw, leaves, seed=1, **extra):
     """Forward and the gradients of a random linear loss w.r.t. every leaf."""
     out = fastattn.circular_relative_attention(q, k, v, onset, pitch, backend=backend, **kw, **extra)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out)
     grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
     return out, [torch.zeros_like(x) if gr is None else gr for x, gr in zip(leaves, grads)]
+
+
+def cast_problem(prob, dtype, device="cpu"):
+    """A make_problem() result with every float tensor cast to ``dtype`` on ``device`` (new leaves)."""
+    q, k, v, onset, pitch, kw, leaves = prob
+
+    def cast(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t.detach().to(device)
+        return t.to(dtype).requires_grad_(leaves[0].requires_grad) if t.is_floating_point() else t
+
+    q, k, v = cast(q), cast(k), cast(v)
+    kw = {n: cast(t) for n, t in kw.items()}
+    leaves = [q, k, v] + [t for t in kw.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return q, k, v, cast(onset), cast(pitch), kw, leaves
+
+
+def lowp_compare(backend, dtype, device="cpu", floor=1e-3, **cfg):
+    """The low-precision rule: the kernel's error at ``dtype`` is at most twice the error of the
+    PyTorch reference run at ``dtype``, both measured against the reference in fp64 (plus
+    ``floor`` × the largest fp64 magnitude, for outputs where the reference happens to be exact).
+    Returns {name: (kernel error, reference error)}."""
+    extra = {k: cfg.pop(k) for k in ("causal", "combine", "alpha") if k in cfg}
+    gold_prob = make_problem(dtype=torch.float64, **cfg)
+    out64, grads64 = run("reference", *gold_prob, **extra)
+    prob = cast_problem(gold_prob, dtype, device)
+    out_r, grads_r = run("reference", *prob, **extra)
+    out_k, grads_k = run(backend, *prob, **extra)
+    names = ["out", "dq", "dk", "dv"] + [f"d{n}" for n, t in prob[5].items()
+                                         if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    errors = {}
+    for name, gold, ref, got in zip(names, [out64] + grads64, [out_r] + grads_r, [out_k] + grads_k):
+        gold = gold.double()
+        e_ref = (ref.double().cpu() - gold).abs().max().item()
+        e_k = (got.double().cpu() - gold).abs().max().item()
+        bound = 2 * e_ref + floor * gold.abs().max().item()
+        assert e_k <= bound, f"{name}: {backend} {dtype} error {e_k:.3g} > 2 x reference error {e_ref:.3g} (+floor)"
+        errors[name] = (e_k, e_ref)
+    return errors

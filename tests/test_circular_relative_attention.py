@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 
@@ -12,9 +13,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fastattn
-from fastattn import _ext
+from fastattn import _cuda_emu, _ext
+from fastattn.ops import _cra_terms
 from fastattn.reference import relative_scores
-from helpers import TOL, assert_close, make_problem, run
+from helpers import TOL, assert_close, lowp_compare, make_problem, run
 
 HAVE_CPP = _ext.has_backend("cpp")
 needs_cpp = pytest.mark.skipif(not HAVE_CPP, reason=f"cpp backend not built: {_ext.extension_error()}")
@@ -184,6 +186,47 @@ def test_backward_split_over_query_blocks(backend, threads):
         torch.set_num_threads(before)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [
+    dict(terms="all", Lq=7, Lk=7, kpm=True),
+    dict(terms="direct", Lq=20, Lk=70, per_head=True, combine="add"),
+    dict(terms="fields", Lq=1, Lk=150, causal=False),  # split-key decoding
+], ids=["all", "direct", "decode"])
+def test_triton_low_precision(dtype, cfg):
+    """16-bit inputs (fp32 accumulation): error <= 2x the PyTorch reference's own at that dtype."""
+    lowp_compare("triton", dtype, D=32, seed=3, **cfg)
+
+
+@needs_triton
+@pytest.mark.parametrize("D", [16, 32, 64, 128])
+def test_triton_head_dims(D):
+    compare("triton", torch.float32, terms="all", Lq=5, Lk=21, D=D, per_head=D == 64, kpm=True)
+
+
+@needs_triton
+def test_triton_split_key_decoding():
+    """Decoding splits the keys over programs and merges partial softmaxes: the same result as
+    one pass for any split count, with masks, fully masked rows and dropout."""
+    from fastattn.triton import circular_relative_attention as tri
+    assert tri.decode_splits(programs=8, Lk=4096, BN=32) > 1 and tri.decode_splits(512, 4096, 32) == 1
+    q, k, v, onset, pitch, kw, _ = make_problem(B=2, H=2, Lq=3, Lk=300, terms="all", grad=False, kpm=True)
+    kpm = kw["key_padding_mask"]
+    kpm[1] = True  # batch 1: no key at all
+    table_kw = {n: kw.get(n) for n in _cra_terms.TABLE_ARGS}
+    table_kw.update(bar=None, position=None, bar_res=48, bar_min=kw["bar_min"], octave_min=-11,
+                    rel_index_min=kw["rel_index_min"], time_min=0, pitch_min=-127)
+    asm = _cra_terms.assemble(q, 300, onset, pitch, table_kw, "hadamard", "quotient")
+    for dropout_p in (0.0, 0.3):
+        want = fastattn.circular_relative_attention(q, k, v, onset, pitch, backend="reference",
+                                                    dropout_p=dropout_p, dropout_seed=5, **kw)
+        for splits in (1, 2, 7, 10):
+            out, lse = tri.forward(q, k, v, asm.table, asm.coords, asm.terms, 1.0, q.shape[-1] ** -0.5,
+                                   True, kpm, dropout_p, 5, splits=splits)
+            assert_close(f"splits={splits} p={dropout_p}", out, want, 1e-5)
+            assert (out[1] == 0).all() and torch.isinf(lse[1]).all() and torch.isfinite(lse[0]).all()
+
+
 def test_relative_index_semantics():
     """Hand-worked values of SPEC §2: query-minus-key differences, floor and non-negative mod."""
     D = 4
@@ -223,6 +266,59 @@ def test_auto_backend_choice():
     from fastattn.backends import select
     assert select("op", "auto", x, REASONS) == ("cpp" if HAVE_CPP else "reference")
     assert select("op", "auto", x.bfloat16(), REASONS) == "reference"
+
+
+# --- on a GPU (skipped without one): the fused GPU backends at real sizes -----------------
+
+HAVE_CUDA = torch.cuda.is_available()
+
+
+def _gpu_backend(name):
+    from fastattn.ops.circular_relative_attention import explicit_reason
+    why = explicit_reason(name, torch.zeros(1, device="cuda", dtype=torch.float16)) if HAVE_CUDA else "no GPU"
+    return pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why)))
+
+
+GPU = [_gpu_backend("triton"), _gpu_backend("cuda")]
+
+
+@pytest.mark.parametrize("backend", GPU)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("terms", ["all", "direct", "fields", "index"])
+@pytest.mark.parametrize("Lq,Lk,D", [(1, 1, 32), (7, 7, 64), (129, 129, 32), (1, 4096, 64), (1024, 1024, 64),
+                                     (300, 2000, 128)])
+def test_gpu_low_precision(backend, dtype, terms, Lq, Lk, D):
+    lowp_compare(backend, dtype, device="cuda", terms=terms, Lq=Lq, Lk=Lk, D=D, B=2, H=4, kpm=Lk > 1,
+                 per_head=terms == "direct", seed=Lk)
+
+
+@pytest.mark.parametrize("backend", GPU)
+@pytest.mark.parametrize("terms,combine,causal", [("all", "hadamard", True), ("all", "add", False),
+                                                  ("direct", "add", True), ("fields", "hadamard", False)])
+def test_gpu_fp32(backend, terms, combine, causal):
+    from helpers import cast_problem
+    prob = make_problem(dtype=torch.float32, terms=terms, Lq=200, Lk=333, D=64, kpm=True, seed=9)
+    out_r, grads_r = run("reference", *prob, combine=combine, causal=causal)
+    out_g, grads_g = run(backend, *cast_problem(prob, torch.float32, "cuda"), combine=combine, causal=causal)
+    fwd_tol, bwd_tol = TOL[torch.float32]
+    assert_close("out", out_g.cpu(), out_r, fwd_tol)
+    for i, (a, b) in enumerate(zip(grads_g, grads_r)):
+        assert_close(f"grad {i}", a.cpu(), b, bwd_tol)
+
+
+@pytest.mark.parametrize("backend", GPU)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backward_deterministic_and_dropout(backend, dtype):
+    from helpers import cast_problem
+    prob = cast_problem(make_problem(B=2, H=4, Lq=777, Lk=777, D=64, terms="all", kpm=True), dtype, "cuda")
+    _, g1 = run(backend, *prob, dropout_p=0.2, dropout_seed=3)
+    _, g2 = run(backend, *prob, dropout_p=0.2, dropout_seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    if dtype == torch.float32:  # the counter-based mask is the CPU's: same output as the reference
+        out = run(backend, *prob, dropout_p=0.2, dropout_seed=3)[0]
+        want = run("reference", *make_problem(B=2, H=4, Lq=777, Lk=777, D=64, terms="all", kpm=True),
+                   dropout_p=0.2, dropout_seed=3)[0]
+        assert_close("dropout out", out.cpu(), want, 1e-5)
 
 
 # --- bad input ---------------------------------------------------------------------------
@@ -289,12 +385,12 @@ def test_bad_input(case):
 
 def test_backend_cannot_run():
     q, k, v, onset, pitch, kw = _base()
-    if HAVE_TRITON:  # the interpreter runs fp32/fp64 CPU tensors, nothing else
-        bf = {n: (t.bfloat16() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
-              for n, t in kw.items()}
-        with pytest.raises(RuntimeError, match="backend='triton' cannot run.*got bfloat16"):
-            fastattn.circular_relative_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), onset, pitch,
-                                                 backend="triton", **bf)
+    if HAVE_TRITON:  # the kernels' dtypes are fp32, fp16 and bf16, in the interpreter too
+        f64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+               for n, t in kw.items()}
+        with pytest.raises(RuntimeError, match="backend='triton' cannot run.*got float64"):
+            fastattn.circular_relative_attention(q.double(), k.double(), v.double(), onset, pitch,
+                                                 backend="triton", **f64)
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
         fastattn.circular_relative_attention(q, k, v, onset, pitch, backend="cuda", **kw)
     if HAVE_CPP:
@@ -366,3 +462,272 @@ def test_torch_compile_op():
     assert_close("compiled", out, f(q, k, v), 1e-6)
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+# --- CUDA kernels under the CPU emulator ---------------------------------------------------
+# csrc/cuda/circular_relative_attention.cu compiled as host C++ (fastattn/_cuda_emu.py) and run
+# on CPU tensors through csrc/emu/circular_relative_attention.cpp, which shares the real glue's
+# checks, tile plan and launchers (csrc/include/cra_cuda_torch.h). Small B, H: the emulator runs
+# every GPU thread as an OS thread.
+
+_EMU_WHY = _cuda_emu.available("circular_relative_attention")
+needs_emu = pytest.mark.skipif(_EMU_WHY is not None, reason=f"CUDA emulator unavailable: {_EMU_WHY}")
+_EMU_DEFAULTS = dict(rel_index_table=None, bar_table=None, pos_table=None, octave_table=None,
+                     pitch_class_table=None, time_table=None, pitch_table=None, bar=None, position=None,
+                     bar_res=48, bar_min=0, octave_min=-11, rel_index_min=0, time_min=0, pitch_min=-127)
+_A100_SMEM = 166912
+
+
+def _emu():
+    return _cuda_emu.load("circular_relative_attention")
+
+
+class _EmuCRA(torch.autograd.Function):
+    """The emulated CUDA op pair as an autograd function over (q, k, v, table)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, coords, terms, alpha, scale, causal, kpm, p, seed, smem, blocks):
+        out, lse = _emu().forward(q, k, v, table, coords, terms, alpha, scale, causal, kpm, p, seed, smem, blocks)
+        ctx.save_for_backward(q, k, v, out, lse, table, coords)
+        ctx.args = (terms, alpha, scale, causal, kpm, p, seed, smem, blocks)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, table, coords = ctx.saved_tensors
+        terms, alpha, scale, causal, kpm, p, seed, smem, blocks = ctx.args
+        dq, dk, dv, dt = _emu().backward(grad.contiguous(), q, k, v, out, lse, table, coords, terms, alpha, scale,
+                                         causal, kpm, p, seed, smem, blocks)
+        return (dq, dk, dv, dt) + (None,) * 10
+
+
+def _emu_cra(q, k, v, onset=None, pitch=None, *, combine="hadamard", alpha=1.0, scale=None, causal=True,
+             key_padding_mask=None, dropout_p=0.0, dropout_seed=0, time_mode="quotient", max_smem=_A100_SMEM,
+             target_blocks=256, **tables):
+    """circular_relative_attention through the emulated CUDA kernels (the public function's
+    table assembly, then the op pair); differentiable w.r.t. q, k, v and every table."""
+    kw = dict(_EMU_DEFAULTS)
+    kw.update(tables)
+    asm = _cra_terms.assemble(q, k.shape[2], onset, pitch, kw, combine, time_mode)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
+    return _EmuCRA.apply(q.contiguous(), k, v, asm.table, asm.coords, asm.terms, float(alpha), scale, bool(causal),
+                         kpm, float(dropout_p), int(dropout_seed), int(max_smem), int(target_blocks))
+
+
+def _emu_run(q, k, v, onset, pitch, kw, leaves, seed=1, **extra):
+    """helpers.run for the emulated kernels: output and gradients of a random linear loss."""
+    out = _emu_cra(q, k, v, onset, pitch, **kw, **extra)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
+    return out, [torch.zeros_like(x) if gr is None else gr for x, gr in zip(leaves, grads)]
+
+
+def _ref_run(q, k, v, onset, pitch, kw, leaves, seed=1, **extra):
+    extra = {n: x for n, x in extra.items() if n not in ("max_smem", "target_blocks")}
+    out = fastattn.circular_relative_attention(q, k, v, onset, pitch, backend="reference", **kw, **extra)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
+    return out, [torch.zeros_like(x) if gr is None else gr for x, gr in zip(leaves, grads)]
+
+
+_EMU_EXTRA = ("causal", "combine", "alpha", "dropout_p", "dropout_seed", "max_smem", "target_blocks")
+
+
+def _emu_compare_fp32(**cfg):
+    """Emulated CUDA kernels vs the reference at fp32 tolerances (forward and every gradient)."""
+    extra = {n: cfg.pop(n) for n in _EMU_EXTRA if n in cfg}
+    prob = make_problem(dtype=torch.float32, **cfg)
+    out_r, grads_r = _ref_run(*prob, **extra)
+    out_c, grads_c = _emu_run(*prob, **extra)
+    fwd_tol, bwd_tol = TOL[torch.float32]
+    assert_close("out", out_c, out_r, fwd_tol)
+    names = ["dq", "dk", "dv"] + [f"d{n}" for n, t in prob[5].items()
+                                  if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    for name, gc, gr in zip(names, grads_c, grads_r):
+        assert_close(name, gc, gr, bwd_tol)
+
+
+@needs_emu
+@pytest.mark.parametrize("terms", ["none", "index", "time", "pitch", "all", "direct", "fields"])
+@pytest.mark.parametrize("combine", ["hadamard", "add"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_emu_terms_grid(terms, combine, causal):
+    _emu_compare_fp32(terms=terms, combine=combine, causal=causal, B=1, H=2, Lq=7, Lk=11, alpha=0.8, kpm=True)
+
+
+@needs_emu
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (7, 7), (129, 129), (1, 9), (5, 33)])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_cuda_emu_shapes(Lq, Lk, per_head):
+    _emu_compare_fp32(terms="all", B=1, H=2, Lq=Lq, Lk=Lk, per_head=per_head, kpm=Lk > 3, D=16,
+                      seed=Lq * 1000 + Lk)
+
+
+@needs_emu
+@pytest.mark.parametrize("D", [16, 32, 64, 128])
+def test_cuda_emu_head_dims(D):
+    _emu_compare_fp32(terms="all", B=1, H=1, Lq=20, Lk=40, D=D, kpm=True, per_head=D == 32)
+
+
+@needs_emu
+@pytest.mark.parametrize("max_smem,target_blocks", [(100000, 256), (_A100_SMEM, 1), (232448, 8)])
+def test_cuda_emu_tile_plans(max_smem, target_blocks):
+    """Smaller shared memory (BQ 16, BK 16/32), several query tiles per backward block
+    (target_blocks=1: one block per (b, h)), and H100-sized tiles."""
+    _emu_compare_fp32(terms="all", B=1, H=2, Lq=70, Lk=90, D=32, kpm=True, causal=True, max_smem=max_smem,
+                      target_blocks=target_blocks)
+
+
+@needs_emu
+@pytest.mark.parametrize("Lq,Lk,causal", [(1, 300, True), (2, 260, True), (3, 300, False), (4, 200, True)])
+def test_cuda_emu_decode(Lq, Lk, causal):
+    """Lq << Lk: key tiles split over blocks (split-K) and combined; equals the reference."""
+    q, k, v, onset, pitch, kw, _ = make_problem(B=1, H=2, Lq=Lq, Lk=Lk, terms="all", kpm=True)
+    asm = _cra_terms.assemble(q, Lk, onset, pitch, {**_EMU_DEFAULTS, **kw}, "hadamard", "quotient")
+    assert _emu().plan(q.detach(), k.detach(), v.detach(), asm.table.detach(), asm.coords, asm.terms,
+                       causal)["splits"] > 1
+    _emu_compare_fp32(B=1, H=2, Lq=Lq, Lk=Lk, terms="all", kpm=True, causal=causal)
+
+
+@needs_emu
+def test_cuda_emu_strided_kv_cache():
+    q, k, v, onset, pitch, kw, _ = make_problem(B=2, H=2, Lq=3, Lk=40, terms="all", grad=False, kpm=True)
+    cap = torch.zeros(2, 2, 64, 16)
+    kc, vc = cap.clone(), cap.clone()
+    kc[:, :, :40], vc[:, :, :40] = k, v
+    want = fastattn.circular_relative_attention(q, k, v, onset, pitch, backend="reference", **kw)
+    assert_close("strided k/v", _emu_cra(q, kc[:, :, :40], vc[:, :, :40], onset, pitch, **kw), want, 1e-5)
+
+
+@needs_emu
+def test_cuda_emu_fully_masked_rows():
+    q, k, v, onset, pitch, kw, leaves = make_problem(B=2, H=2, Lq=5, Lk=9, terms="all")
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[0, :] = True
+    kpm[1, :7] = True
+    kw["key_padding_mask"] = kpm
+    out, grads = _emu_run(q, k, v, onset, pitch, kw, leaves)
+    assert torch.isfinite(out).all()
+    assert (out[0] == 0).all() and (out[1, :, :3] == 0).all() and (out[1, :, 3:] != 0).any()
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert (grads[0][0] == 0).all() and (grads[0][1, :, :3] == 0).all()
+    out_r, grads_r = _ref_run(q, k, v, onset, pitch, kw, leaves)
+    assert_close("out", out, out_r, 1e-5)
+    for i, (a, b) in enumerate(zip(grads, grads_r)):
+        assert_close(f"grad {i}", a, b, 1e-4)
+
+
+@needs_emu
+@pytest.mark.parametrize("Lq,Lk", [(9, 40), (2, 300)])
+def test_cuda_emu_dropout_matches_cpp_and_reference(Lq, Lk):
+    """The counter-based mask is the same function in CUDA, C++ and Python."""
+    cfg = dict(terms="all", B=1, H=2, Lq=Lq, Lk=Lk, kpm=True)
+    extra = dict(dropout_p=0.3, dropout_seed=77, causal=False)
+    _emu_compare_fp32(**cfg, **extra)
+    if HAVE_CPP:
+        prob = make_problem(**cfg)
+        out_c, grads_c = _emu_run(*prob, **extra)
+        out_p, grads_p = run("cpp", *prob, **extra)
+        assert_close("out vs cpp", out_c, out_p, 1e-5)
+        for i, (a, b) in enumerate(zip(grads_c, grads_p)):
+            assert_close(f"grad {i} vs cpp", a, b, 1e-4)
+
+
+def _lowp_errors(dtype, **cfg):
+    """max |kernel - fp64 reference| and max |PyTorch reference at dtype - fp64 reference| for the
+    output and each gradient (inputs rounded to dtype first, so both see the same data)."""
+    extra = {n: cfg.pop(n) for n in _EMU_EXTRA if n in cfg}
+    q, k, v, onset, pitch, kw, leaves = make_problem(dtype=dtype, **cfg)
+    out_k, grads_k = _emu_run(q, k, v, onset, pitch, kw, leaves, **extra)
+    out_t, grads_t = _ref_run(q, k, v, onset, pitch, kw, leaves, **extra)
+    up = {id(x): x.detach().double().requires_grad_(True) for x in leaves}
+    kw64 = {n: up.get(id(t), t) for n, t in kw.items()}
+    leaves64 = [up[id(x)] for x in leaves]
+    out_r, grads_r = _ref_run(*leaves64[:3], onset, pitch, kw64, leaves64, **extra)
+    rows = []
+    for name, a, b, r in zip(["out", "dq", "dk", "dv"] + [f"dtable{i}" for i in range(len(leaves) - 3)],
+                             [out_k] + grads_k, [out_t] + grads_t, [out_r] + grads_r):
+        rows.append((name, (a.double() - r).abs().max().item(), (b.double() - r).abs().max().item(),
+                     r.abs().max().item()))
+    return rows
+
+
+@needs_emu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [
+    dict(terms="all", Lq=7, Lk=11, D=16),
+    dict(terms="all", Lq=40, Lk=70, D=32, per_head=True),
+    dict(terms="direct", Lq=5, Lk=33, D=64, combine="add"),
+    dict(terms="fields", Lq=1, Lk=150, D=32),
+], ids=["all-7x11", "all-40x70-perhead", "direct-add-D64", "fields-decode"])
+def test_cuda_emu_low_precision(dtype, cfg):
+    """fp16/bf16 (tensor-core path): the kernel's error against the fp64 reference is at most
+    twice PyTorch's own error at that dtype, plus a small floor relative to the magnitude."""
+    for name, err_kernel, err_torch, mag in _lowp_errors(dtype, B=1, H=2, kpm=True, **cfg):
+        bound = 2 * err_torch + 1e-3 * max(1.0, mag)
+        assert err_kernel <= bound, f"{name}: kernel error {err_kernel:.3g} > {bound:.3g} (PyTorch {err_torch:.3g})"
+
+
+@needs_emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_emu_backward_bit_identical(dtype):
+    """Deterministic reductions: two backward passes give bit-identical gradients."""
+    prob = make_problem(B=1, H=2, Lq=70, Lk=70, D=16, terms="all", dtype=dtype, kpm=True)
+    _, g1 = _emu_run(*prob, target_blocks=2)
+    _, g2 = _emu_run(*prob, target_blocks=2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+@needs_emu
+def test_cuda_emu_rejects_bad_raw_arguments():
+    emu = _emu()
+    q = torch.randn(1, 1, 3, 16)
+    table = torch.randn(1, 5, 16)
+    coords = torch.zeros(1, 1, 3, dtype=torch.int32)
+    ok = [0, 0, -1, -1, 0, 0, 5, 1, 0]
+    emu.forward(q, q, q, table, coords, ok, 1.0, 1.0, True, None, 0.0, 0)
+    cases = [
+        ((q, q, q, table, coords, [0, 0, -1, -1, 0, 0, 10, 1, 0]), "term rows exceed the table"),
+        ((q, q, q, table, coords, [1, 0, 3, -1, 0, 0, 5, 1, 0]), "bad hi channel"),
+        ((q, q, q, table, coords, ok + [1, 0, 0, -1, 0, 0, 3, 1, 2]), "row blocks overlap"),
+        ((q[..., :8].contiguous(),) * 3 + (table[..., :8].contiguous(), coords, ok),
+         "head dim must be a multiple of 16"),
+        ((q.double(), q.double(), q.double(), table.double(), coords, ok), "supports float32, float16, bfloat16"),
+        ((q, q, q, table.half(), coords, ok), "must share a dtype"),
+        ((q, q[:, :, :2], q, table, coords, ok), "v must have the shape of k"),
+        ((q, q, q, table, coords.long(), ok), "coords must be contiguous int32"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=re.escape(msg)):
+            emu.forward(*args, 1.0, 1.0, True, None, 0.0, 0)
+    with pytest.raises(RuntimeError, match="key_padding_mask must be contiguous bool"):
+        emu.forward(q, q, q, table, coords, ok, 1.0, 1.0, True, torch.zeros(1, 3), 0.0, 0)
+    with pytest.raises(RuntimeError, match="dropout_p must be in"):
+        emu.forward(q, q, q, table, coords, ok, 1.0, 1.0, True, None, 1.0, 0)
+    with pytest.raises(RuntimeError, match="too much shared memory"):
+        emu.forward(q, q, q, table, coords, ok, 1.0, 1.0, True, None, 0.0, 0, 4096)
+    out, lse = emu.forward(q, q, q, table, coords, ok, 1.0, 1.0, True, None, 0.0, 0)
+    with pytest.raises(RuntimeError, match="lse must be float32"):
+        emu.backward(out, q, q, q, out, lse.double(), table, coords, ok, 1.0, 1.0, True, None, 0.0, 0)
+    with pytest.raises(RuntimeError, match="grad_out/out/lse shapes do not match q"):
+        emu.backward(out[:, :, :2], q, q, q, out, lse, table, coords, ok, 1.0, 1.0, True, None, 0.0, 0)
+
+
+@needs_emu
+def test_cuda_emu_fuzz_coordinates_in_bounds():
+    """Arbitrary coordinate values (beyond what the Python layer allows) stay in bounds."""
+    g = torch.Generator().manual_seed(0)
+    emu = _emu()
+    for trial in range(6):
+        L = int(torch.randint(1, 40, (1,), generator=g))
+        q = torch.randn(1, 1, L, 16, generator=g)
+        table = torch.randn(1, 3 * 4 + 7 + 5, 16, generator=g)
+        coords = torch.randint(-50, 50, (1, 2, L), generator=g, dtype=torch.int32)
+        terms = [2, 0, 0, 1, 4, -3, 3, 4, 0, 3, 1, 0, 1, 2, 1, 7, 5, 12, 1, 0, 1, -1, 0, 2, 5, 1, 19]
+        out, _ = emu.forward(q, q, q, table, coords, terms, 1.0, 0.5, bool(trial % 2), None, 0.0, 0)
+        assert torch.isfinite(out).all()
+        if HAVE_CPP:
+            want, _ = torch.ops.fastattn.circular_relative_attention(q, q, q, table, coords, terms, 1.0, 0.5,
+                                                                     bool(trial % 2), None, 0.0, 0)
+            assert_close("fuzz vs cpp", out, want, 1e-5)

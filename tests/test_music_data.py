@@ -9,10 +9,10 @@ import pytest
 
 symusic = pytest.importorskip("symusic")
 
-from fastattn.music import tokens as T
-from fastattn.music.data import windows_of
-from fastattn.music.pop909 import load_midi_folder, seconds_to_ticks
-from fastattn.music.synthetic import SyntheticConfig, synthetic_corpus, synthetic_piece
+from fastattn.music import tokens as T  # noqa: E402  (after the importorskip)
+from fastattn.music.data import windows_of  # noqa: E402
+from fastattn.music.pop909 import load_midi_folder, seconds_to_ticks  # noqa: E402
+from fastattn.music.synthetic import SyntheticConfig, synthetic_corpus, synthetic_piece  # noqa: E402
 
 POP909 = Path(os.environ.get("FASTATTN_POP909",
                              Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pop909"))

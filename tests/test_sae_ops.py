@@ -371,3 +371,296 @@ def test_triton_opcheck():
     torch.library.opcheck(torch.ops.fastattn_triton.binary_encode.default, (x, W, b, True, 1))
     h = (torch.rand(5, 7, generator=torch.Generator().manual_seed(0)) > 0.5).float().requires_grad_()
     torch.library.opcheck(torch.ops.fastattn_triton.binary_covariance_penalty.default, (h, True))
+
+
+# --- CUDA kernels under the CPU emulator ---
+# csrc/cuda/sae.cu runs on CPU tensors through fastattn/_cuda_emu.py: csrc/emu/sae.cpp exposes the
+# torch ops' argument lists and goes through the same tensor glue as the CUDA build
+# (csrc/include/sae_cuda_glue.h). Select with `-k cuda_emu`. fp32 runs the SIMT paths and is held
+# to fp32 tolerances; fp16/bf16 run the WMMA paths and must be within 2x PyTorch's own error at
+# that dtype (both against fp64 on the same rounded inputs) plus one rounding step (EMU_ULP).
+
+from fastattn import _cuda_emu  # noqa: E402
+
+_EMU_WHY = _cuda_emu.available("sae")
+EMU_LOW = (torch.float16, torch.bfloat16)
+EMU_DTYPES = (torch.float32,) + EMU_LOW
+EMU_ULP = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}  # half an ulp, relative
+
+
+@pytest.fixture(scope="module")
+def emu():
+    if _EMU_WHY is not None:
+        pytest.skip(_EMU_WHY)
+    m = _cuda_emu.load("sae")  # a compile error fails the tests instead of skipping them
+    m.set_num_sms(4)
+    yield m
+    m.set_num_sms(4)
+
+
+def _emu_rnd(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale).to(dtype)
+
+
+def _dtype_id(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _emu_lowp(name, got, truth, torch_at_dtype):
+    """got (kernel) and torch_at_dtype (PyTorch at the same low precision) against fp64 truth."""
+    truth = truth.double()
+    err_k = (got.double() - truth).abs().max().item() if got.numel() else 0.0
+    err_t = (torch_at_dtype.double() - truth).abs().max().item() if got.numel() else 0.0
+    floor = EMU_ULP[got.dtype] * max(1.0, truth.abs().max().item() if truth.numel() else 1.0)
+    assert err_k <= 2 * err_t + floor, (f"{name}: kernel error {err_k:.3g} > 2 x PyTorch's {err_t:.3g} "
+                                        f"+ {floor:.3g} ({_dtype_id(got.dtype)})")
+
+
+def _emu_check_topk(v, i, z, k, tol):
+    """A valid top-k of z [N, n] (fp64): indices in range and distinct, values = z at them within tol,
+    sorted descending, and no unselected entry beats the k-th selected one by more than tol."""
+    N, n = z.shape
+    assert v.shape == (N, k) and i.shape == (N, k) and i.dtype == torch.int64
+    assert bool(((i >= 0) & (i < n)).all()), "index out of range"
+    assert all(len(set(row)) == k for row in i.tolist()), "repeated index in a row"
+    vd = v.double()
+    assert_close("values vs z[indices]", vd, z.gather(1, i), tol)
+    assert bool((vd[:, :-1] >= vd[:, 1:]).all()), "values not sorted descending"
+    kth = z.topk(k, dim=1).values[:, -1:]
+    assert bool((z.gather(1, i) >= kth - 2 * tol).all()), "a selected latent is not among the top k"
+
+
+EMU_TOPK_SHAPES = [(1, 8, 5, 5), (7, 16, 33, 4), (129, 24, 300, 16), (3, 5, 257, 1), (2, 1, 40, 7),
+                   (9, 8, 400, 100), (5, 16, 150, 150), (4, 0, 10, 3)]
+
+
+@pytest.mark.parametrize("num_sms", [1, 64])
+@pytest.mark.parametrize("shape", EMU_TOPK_SHAPES, ids=str)
+def test_cuda_emu_topk_encode_fp32(emu, shape, num_sms):
+    """fp32 (SIMT): indices equal the fp64 reference's except at near-ties; one split or many."""
+    N, d, n, k = shape
+    emu.set_num_sms(num_sms)
+    x, W, b = _emu_rnd(N, d, seed=1), _emu_rnd(n, d, seed=2), _emu_rnd(n, seed=3)
+    v, i = emu.topk_encode(x, W, b, k)
+    z = x.double() @ W.double().t() + b.double()
+    tol = 1e-5 * max(1.0, d ** 0.5)
+    _emu_check_topk(v, i, z, k, tol)
+    vr, ir = ref.topk_encode(x.double(), W.double(), b.double(), k)
+    differ = i != ir
+    assert bool(((z.gather(1, i) - z.gather(1, ir)).abs()[differ] <= 2 * tol).all()), "indices differ beyond near-ties"
+    assert_close("values", v, vr, tol)
+    v2, i2 = emu.topk_encode(x, W, None, k)  # no bias
+    _emu_check_topk(v2, i2, x.double() @ W.double().t(), k, tol)
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=_dtype_id)
+def test_cuda_emu_topk_ties_go_to_lower_index(emu, dtype):
+    """Small integers: every dtype computes exactly the same pre-activations, with many ties."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (16, 6), generator=g).to(dtype)
+    W = torch.randint(-1, 2, (300, 6), generator=g).to(dtype)
+    W[150:170] = W[0:20]  # exact duplicates of latents 0..19, in another column tile
+    z = x.double() @ W.double().t()
+    for num_sms in (1, 64):
+        emu.set_num_sms(num_sms)
+        v, i = emu.topk_encode(x, W, torch.zeros(300, dtype=dtype), 12)
+        for r in range(16):
+            order = sorted(range(300), key=lambda j: (-z[r, j].item(), j))[:12]
+            assert i[r].tolist() == order, f"row {r}: {i[r].tolist()} != {order}"
+            assert torch.equal(v[r].double(), z[r, order])
+
+
+@pytest.mark.parametrize("dtype", EMU_LOW, ids=_dtype_id)
+def test_cuda_emu_topk_encode_low_precision(emu, dtype):
+    """WMMA path: sorted values (rank by rank, where near-ties may swap indices) within 2x
+    PyTorch's error at the dtype; every selected latent truly among the top k within that bound."""
+    N, d, n, k = 33, 40, 200, 8
+    x, W, b = _emu_rnd(N, d, seed=1, dtype=dtype), _emu_rnd(n, d, seed=2, dtype=dtype), _emu_rnd(n, seed=3, dtype=dtype)
+    v, i = emu.topk_encode(x, W, b, k)
+    assert v.dtype == dtype
+    z = x.double() @ W.double().t() + b.double()
+    truth = z.topk(k, dim=1).values
+    vt, _ = ref.topk_encode(x, W, b, k)
+    _emu_lowp("values by rank", v, truth, vt)
+    bound = 2 * (vt.double() - truth).abs().max().item() + EMU_ULP[dtype] * truth.abs().max().item()
+    _emu_check_topk(v, i, z, k, bound)
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", [(1, 3, 5, 1), (40, 20, 150, 5), (6, 300, 9, 4), (3, 7, 2, 2)], ids=str)
+def test_cuda_emu_topk_encode_backward(emu, dtype, shape):
+    """dx, dW, db for given indices (duplicates across rows) vs fp64 formulas."""
+    N, d, n, k = shape
+    g = torch.Generator().manual_seed(N * d)
+    x, W, gv = _emu_rnd(N, d, seed=1, dtype=dtype), _emu_rnd(n, d, seed=2, dtype=dtype), _emu_rnd(N, k, seed=3, dtype=dtype)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(N)])
+    dx, dW, db = emu.topk_encode_backward(gv, x, W, idx)
+
+    def formulas(gv, x, W):
+        dx = (gv.unsqueeze(-1) * W[idx]).sum(1)
+        dW = torch.zeros_like(W).index_add_(0, idx.flatten(), (gv.unsqueeze(-1) * x.unsqueeze(1)).reshape(-1, d))
+        db = torch.zeros(n, dtype=W.dtype).index_add_(0, idx.flatten(), gv.flatten())
+        return dx, dW, db
+
+    want = formulas(gv.double(), x.double(), W.double())
+    at_dtype = formulas(gv, x, W)
+    for name, got, w, t in zip(("dx", "dW", "db"), (dx, dW, db), want, at_dtype):
+        assert got.dtype == dtype
+        if dtype == torch.float32:
+            assert_close(name, got, w, 2e-5 * max(1.0, d ** 0.5))
+        else:
+            _emu_lowp(name, got, w, t)
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[idx.flatten()] = False
+    assert (dW[untouched] == 0).all() and (db[untouched] == 0).all()
+    again = emu.topk_encode_backward(gv, x, W, idx)
+    assert all(torch.equal(a, b) for a, b in zip((dx, dW, db), again)), "backward is not deterministic"
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("N,k,n,d", [(1, 1, 1, 1), (9, 4, 33, 20), (40, 5, 150, 7), (5, 3, 4, 70), (3, 2, 10, 300)])
+def test_cuda_emu_sparse_decode(emu, dtype, N, k, n, d):
+    g = torch.Generator().manual_seed(2)
+    vals, W, b = _emu_rnd(N, k, seed=1, dtype=dtype), _emu_rnd(n, d, seed=3, dtype=dtype), _emu_rnd(d, seed=4, dtype=dtype)
+    idx = torch.randint(0, n, (N, k), generator=g)  # duplicates allowed
+    go = _emu_rnd(N, d, seed=5, dtype=dtype)
+    for bias in (b, None):
+        out = emu.sparse_decode(vals, idx, W, bias)
+        want = ref.sparse_decode(vals.double(), idx, W.double(), None if bias is None else bias.double())
+        if dtype == torch.float32:
+            assert_close("out", out, want, 2e-5)
+        else:
+            _emu_lowp("out", out, want, ref.sparse_decode(vals, idx, W, bias))
+    dv, dW, db = emu.sparse_decode_backward(go, vals, idx, W)
+
+    def formulas(go, vals, W):
+        dv = (go.unsqueeze(1) * W[idx]).sum(-1)
+        dW = torch.zeros_like(W).index_add_(0, idx.flatten(), (vals.unsqueeze(-1) * go.unsqueeze(1)).reshape(-1, d))
+        return dv, dW, go.sum(0)
+
+    for name, got, w, t in zip(("dvalues", "dW", "db"), (dv, dW, db), formulas(go.double(), vals.double(), W.double()),
+                               formulas(go, vals, W)):
+        if dtype == torch.float32:
+            assert_close(name, got, w, 2e-5 * max(1.0, d ** 0.5))
+        else:
+            _emu_lowp(name, got, w, t)
+
+
+def test_cuda_emu_encode_decode_compose_with_embedding_bag(emu):
+    x, W, Wd = _emu_rnd(33, 16, seed=1), _emu_rnd(100, 16, seed=2), _emu_rnd(100, 16, seed=3)
+    v, i = emu.topk_encode(x, W, None, 8)
+    out = emu.sparse_decode(v, i, Wd, None)
+    want = torch.nn.functional.embedding_bag(i, Wd, per_sample_weights=v, mode="sum")
+    assert_close("decode", out, want, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("N,d,n", [(1, 3, 1), (9, 16, 33), (70, 8, 300), (130, 12, 256), (5, 4, 13)])
+def test_cuda_emu_binary_encode_exact(emu, dtype, N, d, n):
+    """Bits where the sign is unambiguous at the dtype; packed bytes and counts bit-exact."""
+    x, W, b = _emu_rnd(N, d, seed=1, dtype=dtype), _emu_rnd(n, d, seed=2, dtype=dtype), _emu_rnd(n, seed=3, dtype=dtype)
+    code, packed, counts = emu.binary_encode(x, W, b, True, 0)
+    assert code.dtype == dtype and packed.dtype == torch.uint8 and counts.dtype == torch.int64
+    z = x.double() @ W.double().t() + b.double()
+    safe = z.abs() > 1e-4 * max(1.0, d ** 0.5)
+    assert torch.equal((code != 0)[safe], (z > 0)[safe])
+    assert bool(((code == 0) | (code == 1)).all())
+    np_packed = np.packbits(code.float().numpy().astype(np.uint8), axis=1, bitorder="little")
+    assert torch.equal(packed, torch.from_numpy(np_packed))
+    assert torch.equal(counts, (code != 0).sum(0))
+    code2, packed2, counts2 = emu.binary_encode(x, W, b, False, 0)
+    assert code2.shape == (N, 0) and torch.equal(packed2, packed) and torch.equal(counts2, counts)
+
+
+def test_cuda_emu_binary_encode_zero_maps_to_zero(emu):
+    x = torch.tensor([[1.0, -1.0], [0.0, 0.0], [2.0, 2.0]])
+    W = torch.tensor([[1.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
+    code, packed, counts = emu.binary_encode(x, W, None, True, 1)
+    assert code.tolist() == [[0, 1, 0], [0, 0, 0], [1, 1, 0]]
+    assert packed.flatten().tolist() == [2, 0, 3] and counts.tolist() == [1, 2, 0]
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("ste", [0, 1, 2])
+def test_cuda_emu_binary_encode_backward(emu, dtype, ste):
+    N, d, n = 21, 10, 145
+    x, W, b = _emu_rnd(N, d, seed=1, dtype=dtype), _emu_rnd(n, d, seed=2, dtype=dtype), _emu_rnd(n, seed=3, dtype=dtype)
+    gc = _emu_rnd(N, n, seed=4, dtype=dtype)
+    dx, dW, db = emu.binary_encode_backward(gc, x, W, b, ste)
+
+    def formulas(gc, x, W, b):
+        if ste == 0:
+            gz = gc * (1 - gc)
+        elif ste == 1:
+            gz = gc
+        else:
+            s = torch.sigmoid(x @ W.t() + b)
+            gz = gc * s * (1 - s)
+        return gz @ W, gz.t() @ x, gz.sum(0)
+
+    want = formulas(gc.double(), x.double(), W.double(), b.double())
+    for name, got, w, t in zip(("dx", "dW", "db"), (dx, dW, db), want, formulas(gc, x, W, b)):
+        assert got.dtype == dtype
+        if dtype == torch.float32:
+            assert_close(f"ste {ste} {name}", got, w, 1e-4)
+        else:
+            _emu_lowp(f"ste {ste} {name}", got, w, t)
+
+
+def _emu_binary_h(B, n, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.rand(B, n, generator=g) < torch.rand(n, generator=g)).to(dtype)
+    h[:, :1] = 1  # a constant column: exactly zero covariance with everything
+    return h
+
+
+EMU_COV_SHAPES = {torch.float32: [(2, 1), (2, 3), (37, 129), (64, 300), (5, 256), (130, 40)],
+                  torch.float16: [(2, 3), (37, 129), (130, 40)], torch.bfloat16: [(2, 3), (37, 129), (130, 40)]}
+EMU_COV_CASES = [pytest.param(dt, s, id=f"{_dtype_id(dt)}-{s}") for dt, shapes in EMU_COV_SHAPES.items() for s in shapes]
+
+
+@pytest.mark.parametrize("dtype,shape", EMU_COV_CASES)
+def test_cuda_emu_covariance_penalty_exact_on_binary(emu, dtype, shape):
+    """Binary h: the tensor-core path is exact up to the final division (value) and the final
+    scaling (gradient), for fp32 inputs too."""
+    B, n = shape
+    h = _emu_binary_h(B, n, B * 1000 + n, dtype)
+    value, grad = emu.binary_covariance_penalty(h, True)
+    assert value.dtype == dtype and value.dim() == 0 and grad.shape == (B, n)
+    exact = float(_exact_penalty(h))
+    assert value.item() == torch.tensor(exact, dtype=torch.float64).float().to(dtype).item(), (value.item(), exact)
+    hd = h.double().requires_grad_()
+    (want,) = torch.autograd.grad(ref.binary_covariance_penalty(hd), [hd])
+    # (the fp64 reference itself leaves ~1e-16 where the exact gradient is 0)
+    assert_close("dh", grad, want.to(dtype), 1e-9, rtol=1e-6 if dtype == torch.float32 else EMU_ULP[dtype] * 2)
+    value2, grad2 = emu.binary_covariance_penalty(h, False)
+    assert value2.item() == value.item() and grad2.shape == (0, n)
+
+
+def test_cuda_emu_covariance_penalty_continuous(emu):
+    """Non-binary fp32 h takes the SIMT path: agrees with autograd through torch.cov."""
+    h = _emu_rnd(30, 129, seed=5)
+    value, grad = emu.binary_covariance_penalty(h, True)
+    hd = h.double().requires_grad_()
+    want = ref.covariance_penalty_torch_cov(hd)
+    (gc,) = torch.autograd.grad(want, [hd])
+    assert abs(value.item() - want.item()) <= 1e-5 * want.item()
+    assert_close("dh vs torch.cov", grad, gc, 1e-4)
+    again = emu.binary_covariance_penalty(h, True)
+    assert torch.equal(again[0], value) and torch.equal(again[1], grad), "not deterministic"
+
+
+def test_cuda_emu_raw_argument_checks(emu):
+    X, W, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
+    with pytest.raises(RuntimeError, match=re.escape("k must be in [1, n = 4], got 9")):
+        emu.topk_encode(X, W, b, 9)
+    with pytest.raises(RuntimeError, match="supports dtypes float32, float16, bfloat16, got Double"):
+        emu.topk_encode(X.double(), W.double(), b.double(), 2)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        emu.binary_encode(X, torch.randn(4, 3), None, True, 0)
+    with pytest.raises(RuntimeError, match="ste must be"):
+        emu.binary_encode(X, W, None, True, 5)
+    with pytest.raises(RuntimeError, match=re.escape("indices must be in [0, 4)")):
+        emu.sparse_decode(X[:, :2].contiguous(), torch.full((3, 2), 7), W, None)
+    with pytest.raises(RuntimeError, match="at least 2 rows"):
+        emu.binary_covariance_penalty(torch.ones(1, 3), False)

@@ -82,10 +82,19 @@ def _cpp_reason(q: Tensor) -> Optional[str]:
     return dtype_device_reason(q, ("cpu",), _CPU_DTYPES)
 
 
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _cuda_reason(q: Tensor) -> Optional[str]:
+    """csrc/cuda kernels: CUDA tensors, fp32/fp16/bf16, head dims multiple of 16 up to 256.
+    (Their relative tables must also fit a block's shared memory; the op says so if not.)"""
     if not _ext.has_backend("cuda"):
         return "this build has no CUDA kernels (CPU-only build, or FASTATTN_NO_CUDA=1)"
-    return "no CUDA kernel for circular_relative_attention yet"
+    why = dtype_device_reason(q, ("cuda",), _CUDA_DTYPES)
+    D = q.shape[-1]
+    if why is None and (D % 16 != 0 or not 16 <= D <= 256):
+        why = f"head dim must be a multiple of 16 in [16, 256], got {D}"
+    return why
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -100,23 +109,13 @@ def _triton_installed_reason() -> Optional[str]:
 
 
 def _triton_reason(q: Tensor) -> Optional[str]:
-    """Why backend="auto" does not pick Triton (explicit requests use _triton_explicit_reason)."""
-    why = _triton_installed_reason()
-    if why is None:
-        # Correct under the interpreter, but its GPU compilation and speed are not measured yet
-        # (the backward's one-hot scatter in particular), so it is opt-in until they are.
-        why = "not validated on a GPU yet; request backend='triton' explicitly"
-    return why
-
-
-def _triton_explicit_reason(q: Tensor) -> Optional[str]:
     why = _triton_installed_reason()
     if why is not None:
         return why
     if q.device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
-        return dtype_device_reason(q, ("cpu",), (torch.float32, torch.float64))
+        return dtype_device_reason(q, ("cpu",), _TRITON_DTYPES)
     return dtype_device_reason(q, ("cuda",), _TRITON_DTYPES)
 
 
@@ -130,7 +129,7 @@ REASONS = {
 
 def explicit_reason(backend: str, q: Tensor) -> Optional[str]:
     """Why an explicitly requested backend cannot run inputs like q (None = it can)."""
-    return _triton_explicit_reason(q) if backend == "triton" else REASONS[backend](q)
+    return REASONS[backend](q)
 
 
 def circular_relative_attention(
@@ -174,13 +173,7 @@ def circular_relative_attention(
               rel_index_min=rel_index_min, time_min=time_min, pitch_min=pitch_min)
     _cra_terms.validate(q, k, v, onset, pitch, kw, key_padding_mask, combine, time_mode, alpha,
                         scale, dropout_p, check_values=not torch.compiler.is_compiling())
-    if backend == "triton":  # explicit: may run where "auto" would not (see _triton_reason)
-        why = explicit_reason("triton", q)
-        if why is not None:
-            raise RuntimeError(f"{OP}: backend='triton' cannot run these inputs: {why}")
-        name = "triton"
-    else:
-        name = select(OP, backend, q, REASONS)
+    name = select(OP, backend, q, REASONS)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = 0 if dropout_p == 0.0 else (new_seed() if dropout_seed is None else int(dropout_seed))
     if name == "reference":

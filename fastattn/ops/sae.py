@@ -2,16 +2,17 @@
 
 Four ops, each with ``reference`` (plain PyTorch, fastattn/reference/sae.py), ``cpp`` (C++ and
 OpenMP, csrc/cpu/sae_kernels.cpp, schemas in csrc/cpu/sae_ops.cpp) and ``triton``
-(fastattn/triton/sae.py) backends; ``cuda`` is not written yet and says so.
+(fastattn/triton/sae.py) backends, and ``cuda`` (csrc/cuda/sae.cu, glue csrc/cuda/sae_glue.cpp) in
+CUDA builds.
 
 - :func:`topk_encode`  x [N, d], W [n, d], b [n] -> (values [N, k], indices [N, k])
 - :func:`sparse_decode` values [N, k], indices [N, k], W [n, d], b [d] -> [N, d]
 - :func:`binary_encode` x [N, d], W [n, d], b [n] -> (code [N, n], packed [N, ⌈n/8⌉] uint8, counts [n])
 - :func:`binary_covariance_penalty` h [B, n] -> Σ_{i≠j} |C_ij| (0-dim)
 
-``backend="auto"`` takes the first of cuda, triton, cpp, reference that can run the inputs;
-Triton runs CPU tensors only when asked for by name and ``TRITON_INTERPRET=1`` (tests), never
-under "auto", because the interpreter is orders of magnitude slower than the C++ kernels.
+``backend="auto"`` takes the first of cuda, triton, cpp, reference that can run the inputs,
+with the policy of :mod:`fastattn.backends` (GPU backends not yet validated on a GPU are taken by
+name only; Triton runs CPU tensors only when asked for by name under ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastattn import _ext
-from fastattn.backends import BACKENDS, dtype_device_reason, select
+from fastattn.backends import dtype_device_reason, select
 from fastattn.ops import _sae_glue as G
 from fastattn.reference import sae as _ref
 
@@ -117,8 +118,16 @@ def _cpp_reason(x: Tensor) -> Optional[str]:
     return dtype_device_reason(x, ("cpu",), _CPU_DTYPES)
 
 
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _cuda_reason(x: Tensor) -> Optional[str]:
-    return "no CUDA kernels for the SAE ops yet (a later issue)"
+    """csrc/cuda/sae.cu: fp32 (SIMT) and fp16/bf16 (tensor cores, fp32 accumulation), any shape."""
+    if not _ext.has_backend("cuda"):
+        return "no CUDA kernels in this build (CPU-only build, or FASTATTN_NO_CUDA=1)"
+    if not HAVE_COMPILED:
+        return _ext.extension_error() or "the loaded extension has no SAE kernels (rebuild it)"
+    return dtype_device_reason(x, ("cuda",), _CUDA_DTYPES)
 
 
 def triton_interpreting() -> bool:
@@ -134,17 +143,6 @@ def _triton_import_reason() -> Optional[str]:
 
 
 def _triton_reason(x: Tensor) -> Optional[str]:
-    """Reason under backend="auto": CUDA tensors only."""
-    why = _triton_import_reason()
-    if why:
-        return why
-    if x.device.type != "cuda":
-        return ("Triton kernels run on CUDA tensors (CPU tensors only when backend='triton' is "
-                "requested explicitly under TRITON_INTERPRET=1)")
-    return dtype_device_reason(x, ("cuda",), _TRITON_CUDA_DTYPES)
-
-
-def _triton_explicit_reason(x: Tensor) -> Optional[str]:
     why = _triton_import_reason()
     if why or x.device.type == "cuda":
         return why or dtype_device_reason(x, ("cuda",), _TRITON_CUDA_DTYPES)
@@ -158,13 +156,6 @@ REASONS = {"cuda": _cuda_reason, "triton": _triton_reason, "cpp": _cpp_reason, "
 
 def choose_backend(op: str, backend: str, x: Tensor) -> str:
     """The backend that runs ``op`` on inputs like ``x`` (see module docstring), or an error."""
-    if backend == "triton":
-        why = _triton_explicit_reason(x)
-        if why is not None:
-            raise RuntimeError(f"{op}: backend='triton' cannot run these inputs: {why}")
-        return "triton"
-    if backend not in BACKENDS and backend != "auto":
-        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
     return select(op, backend, x, REASONS)
 
 

@@ -42,6 +42,17 @@ MAX_SMALL_TERMS = 4
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """a·b with fp32 accumulation. PREC "upcast" (interpreter, 16-bit inputs) multiplies the
+    exactly widened operands: what tensor cores compute, and what the interpreter's own 16-bit
+    dot (bf16 read as integers in Triton 3.x) gets wrong."""
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _mix32(x):
     x = x ^ (x >> 16)
     x = x * 0x7FEB352D
@@ -107,11 +118,11 @@ def _logits(q, k, qe_small, table_h, coords_b, tp_ptr, kpm_b, a_i, a0, j0, offs_
     """Scaled logits of one tile [BM, BN] with -inf where masked."""
     m_ok = offs_m < Lq
     n_ok = offs_n < Lk
-    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    s = _dot(q, tl.trans(k), PREC)
     if HAS_IDX:
         dn_lo = a0 - (j0 + BN - 1)
         e = _band(table_h, dn_lo, idx_off, idx_n, idx_min, D, offs_d, BAND)
-        qe = tl.dot(q, tl.trans(e.to(q.dtype)), input_precision=PREC)
+        qe = _dot(q, tl.trans(e.to(q.dtype)), PREC)
         s += alpha * tl.gather(qe, (a_i[:, None] - offs_n[None, :]) - dn_lo, axis=1)
     for t in tl.static_range(NS):
         row, ok = _term_rows(tp_ptr, t, coords_b, Lk, a_i, offs_n, m_ok, n_ok)
@@ -132,7 +143,7 @@ def _small_products(q, table_h, small_off, N, D, offs_d, SPAD: tl.constexpr, PRE
     rows = small_off + tl.arange(0, SPAD)
     e = tl.load(table_h + rows[:, None] * D + offs_d[None, :],
                 mask=(rows < N)[:, None] & (offs_d < D)[None, :], other=0.0)
-    return tl.dot(q, tl.trans(e.to(q.dtype)), input_precision=PREC), e
+    return _dot(q, tl.trans(e.to(q.dtype)), PREC), e
 
 
 @triton.jit
@@ -140,12 +151,15 @@ def _cra_fwd_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, coords_ptr, tp_ptr, kpm_ptr, out_ptr, lse_ptr,
     H, Lq, Lk, D, N, C, table_hs, small_off, idx_off, idx_n, idx_min,
     sk_b, sk_h, sv_b, sv_h,
-    alpha, scale, seed, threshold, keep_scale,
+    alpha, scale, seed, threshold, keep_scale, keys_per_split,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_IDX: tl.constexpr, NS: tl.constexpr,
     DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    BAND: tl.constexpr, SPAD: tl.constexpr, PREC: tl.constexpr,
+    BAND: tl.constexpr, SPAD: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    # q [B, H, Lq, D]; k, v [B, H, Lk, D] (dense rows, strided b/h); out like q; lse [B, H, Lq] fp32
+    # q [B, H, Lq, D]; k, v [B, H, Lk, D] (dense rows, strided b/h); out like q; lse [B, H, Lq] fp32.
+    # SPLIT (decoding): program (m, bh, s) covers keys [s·keys_per_split, (s+1)·keys_per_split)
+    # and writes its normalised partial output and lse (fp32, [S, B·H, Lq, D] and [S, B·H, Lq])
+    # to out_ptr / lse_ptr; _cra_combine_kernel merges the splits.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -169,10 +183,14 @@ def _cra_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
+    start_n = 0
     end_n = Lk
     if CAUSAL:
         end_n = tl.minimum(Lk, a0 + BM)
-    for j0 in range(0, end_n, BN):
+    if SPLIT:
+        start_n = tl.program_id(2) * keys_per_split
+        end_n = tl.minimum(end_n, start_n + keys_per_split)
+    for j0 in range(start_n, end_n, BN):
         offs_n = j0 + tl.arange(0, BN)
         kv_mask = (offs_n < Lk)[:, None] & (offs_d < D)[None, :]
         k = tl.load(k_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -188,14 +206,42 @@ def _cra_fwd_kernel(
         if DROPOUT:  # the normaliser uses undropped probabilities
             keep = _dropout_keep(seed, bh, offs_m, offs_n, threshold)
             p = tl.where(keep, p * keep_scale, 0.0)
-        acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * corr[:, None] + _dot(p.to(v.dtype), v, PREC)
         m_i = m_new
     has = l_i > 0
     out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
-    tl.store(out_ptr + (bh * Lq + offs_m)[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & (offs_d < D)[None, :])
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(lse_ptr + bh * Lq + offs_m, lse, mask=m_ok)
+    row = bh * Lq + offs_m
+    if SPLIT:
+        row += tl.program_id(2) * tl.num_programs(1) * Lq
+    tl.store(out_ptr + row[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_d < D)[None, :])
+    tl.store(lse_ptr + row, lse, mask=m_ok)
+
+
+@triton.jit
+def _cra_combine_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, S, R, D,
+                        BR: tl.constexpr, BD: tl.constexpr):
+    """Merges split partials ([S, R, D] outputs, [S, R] lse; R = B·H·Lq rows) into out [R, D]
+    (out's dtype) and lse [R]: weights exp(lse_s - max lse), in split order."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    offs_d = tl.arange(0, BD)
+    r_ok = rows < R
+    mask = r_ok[:, None] & (offs_d < D)[None, :]
+    m = tl.full([BR], float("-inf"), tl.float32)
+    for s in range(S):
+        m = tl.maximum(m, tl.load(part_lse_ptr + s * R + rows, mask=r_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([BR], tl.float32)
+    acc = tl.zeros([BR, BD], tl.float32)
+    for s in range(S):
+        w = tl.exp(tl.load(part_lse_ptr + s * R + rows, mask=r_ok, other=float("-inf")) - m_safe)
+        den += w
+        acc += w[:, None] * tl.load(part_ptr + (s * R + rows)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    has = den > 0
+    out = tl.where(has[:, None], acc / tl.where(has, den, 1.0)[:, None], 0.0)
+    tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(lse_ptr + rows, tl.where(has, m_safe + tl.log(tl.where(has, den, 1.0)), float("-inf")), mask=r_ok)
 
 
 @triton.jit
@@ -267,16 +313,16 @@ def _cra_bwd_kernel(
                         CAUSAL, HAS_KPM, HAS_IDX, NS, BN, BAND, PREC)
             p = tl.where((s == float("-inf")) | (lse == float("-inf"))[:, None], 0.0,
                          tl.exp(s - lse_safe[:, None]))
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(tl.float32)
+            dp = _dot(do, tl.trans(v), PREC).to(tl.float32)
             p_used = p
             if DROPOUT:
                 keep = _dropout_keep(seed, bh, offs_m, offs_n, threshold)
                 p_used = tl.where(keep, p * keep_scale, 0.0)
                 dp = tl.where(keep, dp * keep_scale, 0.0)
             ds = p * (dp - delta[:, None]) * scale  # d loss / d (q·k + alpha·relative)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-            _rmw(dv_base, offs_n, offs_d, D, tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=PREC), kv_mask)
-            _rmw(dk_base, offs_n, offs_d, D, tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC), kv_mask)
+            dq += _dot(ds.to(k.dtype), k, PREC)
+            _rmw(dv_base, offs_n, offs_d, D, _dot(tl.trans(p_used.to(do.dtype)), do, PREC), kv_mask)
+            _rmw(dk_base, offs_n, offs_d, D, _dot(tl.trans(ds.to(q.dtype)), q, PREC), kv_mask)
             if HAS_IDX:
                 # band column c holds Δn = dn_lo + c, i.e. key j = a_i - dn_lo - c of this tile
                 dn_lo = a0 - (j0 + BN - 1)
@@ -285,16 +331,16 @@ def _cra_bwd_kernel(
                 dqe = tl.where(inside, tl.gather(ds, tl.minimum(tl.maximum(jl, 0), BN - 1), axis=1), 0.0)
                 dqe = dqe * alpha
                 e = _band(table_h, dn_lo, idx_off, idx_n, idx_min, D, offs_d, BAND)
-                dq += tl.dot(dqe.to(q.dtype), e.to(q.dtype), input_precision=PREC)
+                dq += _dot(dqe.to(q.dtype), e.to(q.dtype), PREC)
                 _rmw(ddn_base, dn_lo - DN0 + tl.arange(0, BAND), offs_d, D,
-                     tl.dot(tl.trans(dqe.to(q.dtype)), q, input_precision=PREC), d_ok[None, :])
+                     _dot(tl.trans(dqe.to(q.dtype)), q, PREC), d_ok[None, :])
             for t in tl.static_range(NS):
                 row, ok = _term_rows(tp_ptr, t, coords_b, Lk, a_i, offs_n, m_ok, n_ok)
                 onehot = (row[:, :, None] == tl.arange(0, SPAD)[None, None, :]) & ok[:, :, None]
                 dqe_small += alpha * tl.sum(tl.where(onehot, ds[:, :, None], 0.0), axis=1)
         if NS > 0:
-            dq += tl.dot(dqe_small.to(q.dtype), e_small.to(q.dtype), input_precision=PREC)
-            _rmw(dsmall_base, tl.arange(0, SPAD), offs_d, D, tl.dot(tl.trans(dqe_small.to(q.dtype)), q, input_precision=PREC),
+            dq += _dot(dqe_small.to(q.dtype), e_small.to(q.dtype), PREC)
+            _rmw(dsmall_base, tl.arange(0, SPAD), offs_d, D, _dot(tl.trans(dqe_small.to(q.dtype)), q, PREC),
                  d_ok[None, :])
         tl.store(dq_ptr + (bh * Lq + offs_m)[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=qmask)
@@ -354,9 +400,13 @@ def _common_args(p: _Plan, q, k, v, table, coords, kpm, alpha, scale, dropout_p,
     ), kpm_t
 
 
-def _constexprs(p: _Plan, causal: bool, kpm, dropout_p: float, dtype: torch.dtype) -> dict:
-    # fp32 inputs keep fp32 products (tl.dot would otherwise use TF32 on NVIDIA GPUs)
-    prec = "ieee" if dtype == torch.float32 else "tf32"
+def _constexprs(p: _Plan, causal: bool, kpm, dropout_p: float, q: Tensor) -> dict:
+    # fp32 inputs keep fp32 products (tl.dot would otherwise use TF32 on NVIDIA GPUs); 16-bit
+    # inputs use tensor cores ("tf32" is ignored for them), or exact widening in the interpreter.
+    if q.dtype in (torch.float32, torch.float64):
+        prec = "ieee"
+    else:
+        prec = "upcast" if q.device.type == "cpu" else "tf32"
     return dict(CAUSAL=bool(causal), HAS_KPM=kpm is not None, HAS_IDX=p.has_idx, NS=p.ns,
                 DROPOUT=dropout_p > 0.0, BM=p.BM, BN=p.BN, BD=p.BD, BAND=p.BAND, SPAD=p.SPAD,
                 PREC=prec)
@@ -364,17 +414,41 @@ def _constexprs(p: _Plan, causal: bool, kpm, dropout_p: float, dtype: torch.dtyp
 
 def forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, coords: Tensor, terms: List[int],
             alpha: float, scale: float, causal: bool, kpm: Optional[Tensor], dropout_p: float,
-            seed: int) -> Tuple[Tensor, Tensor]:
-    """out [B, H, Lq, D] (q's dtype) and lse [B, H, Lq] (fp32)."""
+            seed: int, splits: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """out [B, H, Lq, D] (q's dtype) and lse [B, H, Lq] (fp32). ``splits``: key splits (None =
+    :func:`decode_splits`)."""
     B, H, Lq, D = q.shape
-    p = _Plan(table, terms, Lq, k.shape[2], D)
+    Lk = k.shape[2]
+    p = _Plan(table, terms, Lq, Lk, D)
     args, kpm_t = _common_args(p, q, k, v, table, coords, kpm, alpha, scale, dropout_p, seed)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(Lq, p.BM), B * H)
-    _cra_fwd_kernel[grid](q, k, v, table, coords, p.tp, kpm_t, out, lse, **args,
-                          **_constexprs(p, causal, kpm, dropout_p, q.dtype))
+    n_mtiles = triton.cdiv(Lq, p.BM)
+    splits = decode_splits(n_mtiles * B * H, Lk, p.BN) if splits is None else max(1, int(splits))
+    keys_per_split = triton.cdiv(triton.cdiv(Lk, splits), p.BN) * p.BN
+    splits = triton.cdiv(Lk, keys_per_split)
+    cx = _constexprs(p, causal, kpm, dropout_p, q) | dict(SPLIT=splits > 1)
+    if splits == 1:
+        _cra_fwd_kernel[(n_mtiles, B * H)](q, k, v, table, coords, p.tp, kpm_t, out, lse, **args,
+                                           keys_per_split=Lk, **cx)
+        return out, lse
+    part = torch.empty(splits, B * H * Lq, D, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(splits, B * H * Lq, dtype=torch.float32, device=q.device)
+    _cra_fwd_kernel[(n_mtiles, B * H, splits)](q, k, v, table, coords, p.tp, kpm_t, part, part_lse,
+                                               **args, keys_per_split=keys_per_split, **cx)
+    R = B * H * Lq
+    _cra_combine_kernel[(triton.cdiv(R, 16),)](part, part_lse, out, lse, splits, R, D, BR=16, BD=p.BD)
     return out, lse
+
+
+def decode_splits(programs: int, Lk: int, BN: int) -> int:
+    """Key splits for the forward pass: 1 unless few (batch·head·query-tile) programs face many
+    keys (decoding with a KV cache), where each split is one more program sharing the keys.
+    A function of the shapes only, so results do not depend on the device."""
+    target = 256  # about two waves of programs on a 132-SM GPU
+    if programs >= target // 2 or Lk < 4 * BN:
+        return 1
+    return max(1, min(triton.cdiv(Lk, 2 * BN), target // programs))
 
 
 def _fold_index_grad(ddn: Tensor, p: _Plan) -> Tensor:
@@ -413,7 +487,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     dsmall = torch.zeros(G, B * H, p.SPAD if p.ns else 1, D, **f32)
     _cra_bwd_kernel[(G, B * H)](q, k, v, table, coords, p.tp, kpm_t, grad_out, lse, delta,
                                 dq, dk, dv, ddn, dsmall, **args, DN0=p.DN0, NDN=p.NDN, G=G,
-                                **_constexprs(p, causal, kpm, dropout_p, q.dtype))
+                                **_constexprs(p, causal, kpm, dropout_p, q))
     Ht = table.shape[0]
 
     def per_table(x: Tensor) -> Tensor:  # [G, B·H, R, D] -> [Ht, R, D], summed in a fixed order
