@@ -40,6 +40,10 @@ def extension():
         return CppExtension("fastattn._C", sources, extra_compile_args={"cxx": cxx}, **args)
     archs = [a.strip() for a in CUDA_ARCHS.split(";") if a.strip()]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # PTX of the oldest portable arch too, so that newer GPUs (sm_100, ...) can JIT the kernels.
+    portable = [a for a in archs if not a.endswith("a")]
+    if portable:
+        gencode.append(f"-gencode=arch=compute_{portable[0]},code=compute_{portable[0]}")
     cuda_defines = ["-DFASTATTN_WITH_CUDA", f'-DFASTATTN_CUDA_ARCHS="{CUDA_ARCHS}"']
     sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
     return CUDAExtension("fastattn._C", sources, extra_compile_args={

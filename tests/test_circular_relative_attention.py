@@ -159,6 +159,31 @@ def test_decode_equals_full_pass(backend):
     assert_close("strided k/v", part, full[:, :, -3:], 1e-6)
 
 
+@needs_cpp
+def test_assembled_tables_reused_while_unchanged():
+    """Decoding calls the op with the same tables at every step: without gradients the assembled
+    table is built once, and rebuilt after an in-place update (e.g. an optimizer step)."""
+    q, k, v, onset, pitch, kw, _ = make_problem(Lq=3, Lk=9, terms="all", grad=False)
+    _cra_terms._TABLE_CACHE.clear()
+    f = lambda: fastattn.circular_relative_attention(q, k, v, onset, pitch, backend="cpp", **kw)  # noqa: E731
+    with torch.no_grad():
+        a = f()
+        table = _cra_terms._TABLE_CACHE[-1][1]
+        assert torch.equal(f(), a) and _cra_terms._TABLE_CACHE[-1][1] is table
+        kw["bar_table"].mul_(2.0)
+        assert_close("after update", f(), fastattn.circular_relative_attention(
+            q, k, v, onset, pitch, backend="reference", **kw), 1e-5)
+        assert _cra_terms._TABLE_CACHE[-1][1] is not table
+    with torch.inference_mode():  # tables made here have no version counter: built every call
+        made = {n: (t * 1.0 if n == "pos_table" else t) for n, t in kw.items()}
+        assert torch.equal(fastattn.circular_relative_attention(q, k, v, onset, pitch, backend="cpp", **made),
+                           f())
+    kw["bar_table"].requires_grad_(True)
+    n = len(_cra_terms._TABLE_CACHE)
+    f().sum().backward()  # tables needing gradients are never cached
+    assert len(_cra_terms._TABLE_CACHE) == n and kw["bar_table"].grad is not None
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_backward_deterministic(backend):
     L = 100 if backend == "cpp" else 40  # the Triton interpreter is slow
@@ -731,3 +756,50 @@ def test_cuda_emu_fuzz_coordinates_in_bounds():
             want, _ = torch.ops.fastattn.circular_relative_attention(q, q, q, table, coords, terms, 1.0, 0.5,
                                                                      bool(trial % 2), None, 0.0, 0)
             assert_close("fuzz vs cpp", out, want, 1e-5)
+
+
+def _emu_misaligned(t, shift):
+    """A contiguous copy of t starting `shift` elements into its storage (a view with a storage
+    offset, as slicing a larger buffer gives): not 16-byte aligned."""
+    buf = torch.zeros(t.numel() + shift, dtype=t.dtype)
+    view = buf[shift:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
+@needs_emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_emu_views_with_storage_offsets(dtype):
+    """q, k, v, table, grad_out as views with storage offsets, and a KV cache whose batch stride is
+    not a multiple of 16 bytes: the kernels must fall back to scalar copies (16-byte vector copies
+    fault on a GPU, and in the emulator) and give bit-identical results."""
+    emu = _emu()
+    q, k, v, onset, pitch, kw, _ = make_problem(B=2, H=2, Lq=5, Lk=21, D=32, terms="all", kpm=True, dtype=dtype,
+                                                grad=False)
+    asm = _cra_terms.assemble(q, 21, onset, pitch, {**_EMU_DEFAULTS, **kw}, "hadamard", "quotient")
+    kpm, table = kw["key_padding_mask"].contiguous(), asm.table.detach().contiguous()
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+    def both(q, k, v, table, go):
+        out, lse = emu.forward(q, k, v, table, asm.coords, asm.terms, 0.9, 0.2, True, kpm, 0.0, 0)
+        grads = emu.backward(go, q, k, v, out, lse, table, asm.coords, asm.terms, 0.9, 0.2, True, kpm, 0.0, 0)
+        return (out, lse) + tuple(grads)
+
+    def odd_batch_stride(t):  # dense [Lk, D] rows, batch stride H·Lk·D + 1 elements
+        B, H, Lk, D = t.shape
+        view = torch.zeros(B * (H * Lk * D + 1), dtype=dtype).as_strided(t.shape, (H * Lk * D + 1, Lk * D, D, 1))
+        view.copy_(t)
+        return view
+
+    want = both(q, k, v, table, go)
+    assert emu.plan(q, k, v, table, asm.coords, asm.terms)["vec"]
+    cases = [("odd k/v batch stride", (q, odd_batch_stride(k), odd_batch_stride(v), table, go), False)]
+    for i, name in enumerate(("q", "k", "v", "table", "grad_out")):  # one misaligned tensor at a time
+        args = [q, k, v, table, go]
+        args[i] = _emu_misaligned(args[i], 1)
+        cases.append((f"offset {name}", tuple(args), name == "grad_out"))  # (the plan does not see grad_out)
+    for name, args, vec in cases:
+        assert emu.plan(*args[:4], asm.coords, asm.terms)["vec"] == vec, name
+        for i, (a, b) in enumerate(zip(want, both(*args))):
+            assert torch.equal(a, b), f"{name}: output {i}"

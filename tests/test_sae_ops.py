@@ -664,3 +664,90 @@ def test_cuda_emu_raw_argument_checks(emu):
         emu.sparse_decode(X[:, :2].contiguous(), torch.full((3, 2), 7), W, None)
     with pytest.raises(RuntimeError, match="at least 2 rows"):
         emu.binary_covariance_penalty(torch.ones(1, 3), False)
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=_dtype_id)
+def test_cuda_emu_topk_encode_on_small_smem_devices(emu, dtype):
+    """sm_86/89 GPUs run the sm_80 binary with 99 KB of opt-in shared memory per block: the running
+    lists must move to the workspace where they do not fit (fp32 k = 32 needs 104 KB with them),
+    with bit-identical results; below the GEMM tile's own need the launcher reports an error."""
+    x, W, b = _emu_rnd(33, 16, seed=1, dtype=dtype), _emu_rnd(300, 16, seed=2, dtype=dtype), _emu_rnd(300, seed=3, dtype=dtype)
+    want = {k: emu.topk_encode(x, W, b, k) for k in (32, 64)}
+    assert emu.topk_smem_lists(x, 64)  # A100 (the default): lists in shared memory
+    try:
+        emu.set_max_smem(101376)
+        assert emu.topk_smem_lists(x, 32) == (dtype != torch.float32) and not emu.topk_smem_lists(x, 64)
+        for k, (v, i) in want.items():
+            v2, i2 = emu.topk_encode(x, W, b, k)
+            assert torch.equal(v2, v) and torch.equal(i2, i), f"k={k}"
+        emu.set_max_smem(48 * 1024)
+        with pytest.raises(RuntimeError, match="shared memory per block is too small"):
+            emu.topk_encode(x, W, b, 8)
+    finally:
+        emu.set_max_smem(166912)
+
+
+def _emu_misaligned(t, shift):
+    """A contiguous copy of t whose data starts `shift` elements into its storage (a view with a
+    storage offset): 16-byte vector loads from it would fault on a GPU (and in the emulator)."""
+    buf = torch.zeros(t.numel() + shift, dtype=t.dtype)
+    view = buf[shift:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and (shift == 0 or view.data_ptr() % 16 != 0)
+    return view
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=_dtype_id)
+def test_cuda_emu_views_with_storage_offsets(emu, dtype):
+    """Every op on misaligned views (row bytes a multiple of 16, so only the base pointer can
+    rule out vector loads) equals the same op on aligned tensors, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    N, d, n, k = 9, 16, 40, 4
+    x, W, b = _emu_rnd(N, d, seed=1, dtype=dtype), _emu_rnd(n, d, seed=2, dtype=dtype), _emu_rnd(n, seed=3, dtype=dtype)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(N)])
+    vals, go = _emu_rnd(N, k, seed=4, dtype=dtype), _emu_rnd(N, d, seed=5, dtype=dtype)
+    gc = _emu_rnd(N, n, seed=6, dtype=dtype)
+    h = _emu_binary_h(N, 48, 7, dtype)
+    calls = [
+        lambda x, W, b, vals, go, gc, h: emu.topk_encode(x, W, b, k),
+        lambda x, W, b, vals, go, gc, h: emu.topk_encode_backward(vals, x, W, idx),
+        lambda x, W, b, vals, go, gc, h: emu.sparse_decode(vals, idx, W, b[:d]),
+        lambda x, W, b, vals, go, gc, h: emu.sparse_decode_backward(go, vals, idx, W),
+        lambda x, W, b, vals, go, gc, h: emu.binary_encode(x, W, b, True, 0),
+        lambda x, W, b, vals, go, gc, h: emu.binary_encode_backward(gc, x, W, b, 2),
+        lambda x, W, b, vals, go, gc, h: emu.binary_covariance_penalty(h, True),
+    ]
+    args = (x, W, b, vals, go, gc, h)
+    shifted = tuple(_emu_misaligned(t, 1) for t in args)
+    for c, call in enumerate(calls):
+        for o, (a, s) in enumerate(zip(call(*args), call(*shifted))):
+            if c == 5 and o < 2:  # dx, dW of the binary encoder come from ATen's mm, not our kernels
+                assert_close(f"call {c} output {o}", s, a, 1e-5 * max(1.0, a.abs().max().item()))
+            else:
+                assert torch.equal(a, s), f"call {c} output {o}"
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES, ids=_dtype_id)
+def test_cuda_emu_row_tiles_loop_beyond_grid_y(emu, dtype):
+    """gridDim.y <= 65535: the row-tiled kernels (binary encoder, STE recompute, covariance
+    gradient, column sums) loop over row tiles with stride gridDim.y, which the emulator caps at 1
+    so that these multi-tile shapes run that loop (as N > 8.4M rows would on a GPU)."""
+    N, d, n = 300, 8, 20  # 3 row tiles, 2 column-sum chunks
+    x, W, b = _emu_rnd(N, d, seed=1, dtype=dtype), _emu_rnd(n, d, seed=2, dtype=dtype), _emu_rnd(n, seed=3, dtype=dtype)
+    code, packed, counts = emu.binary_encode(x, W, b, True, 0)
+    z = x.double() @ W.double().t() + b.double()
+    safe = z.abs() > 1e-2
+    assert torch.equal((code != 0)[safe], (z > 0)[safe]) and torch.equal(counts, (code != 0).sum(0))
+    gc = _emu_rnd(N, n, seed=4, dtype=dtype)
+    dx, dW, db = emu.binary_encode_backward(gc, x, W, b, 2)
+    s = torch.sigmoid(z)
+    gz = gc.double() * s * (1 - s)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert_close("db", db, gz.sum(0), tol * N ** 0.5)
+    assert_close("dx", dx, gz @ W.double(), tol)
+    h = _emu_binary_h(N, 40, 11, dtype)
+    value, grad = emu.binary_covariance_penalty(h, True)
+    hd = h.double().requires_grad_()
+    (want,) = torch.autograd.grad(ref.binary_covariance_penalty(hd), [hd])
+    assert value.item() == torch.tensor(float(_exact_penalty(h)), dtype=torch.float64).float().to(dtype).item()
+    assert_close("dh", grad, want.to(dtype), 1e-9, rtol=1e-6 if dtype == torch.float32 else EMU_ULP[dtype] * 2)

@@ -110,6 +110,10 @@ struct __align__(16) Vec16 {
 
 __device__ __forceinline__ void copy16(void* dst, const void* src) {
 #if defined(FASTATTN_CUDA_EMULATE)
+  // A GPU faults on a 16-byte access that is not 16-byte aligned: so does the emulator, so a
+  // wrong `vec` decision (e.g. a view with a storage offset) fails the tests.
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    throw fa_emu::Fault("fa_emu: misaligned 16-byte vector access (copy16)");
   std::memcpy(dst, src, 16);
 #else
   *reinterpret_cast<Vec16*>(dst) = *reinterpret_cast<const Vec16*>(src);
@@ -118,6 +122,7 @@ __device__ __forceinline__ void copy16(void* dst, const void* src) {
 
 __device__ __forceinline__ void zero16(void* dst) {
 #if defined(FASTATTN_CUDA_EMULATE)
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) throw fa_emu::Fault("fa_emu: misaligned 16-byte vector store");
   std::memset(dst, 0, 16);
 #else
   *reinterpret_cast<Vec16*>(dst) = Vec16{{0u, 0u, 0u, 0u}};

@@ -15,6 +15,7 @@ Device cuda_device(const at::Tensor& q) {
   TORCH_CHECK(q.is_cuda(), "cuda backend: tensors must be on a CUDA device");
   int optin = 0;
   const cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device());
+  if (e != cudaSuccess) (void)cudaGetLastError();  // not left for the launchers' fa_last_error()
   TORCH_CHECK(e == cudaSuccess, "cudaDeviceGetAttribute: ", cudaGetErrorString(e));
   return Device{(size_t)optin, c10::cuda::getCurrentCUDAStream(q.get_device()).stream(), false};
 }

@@ -45,6 +45,14 @@ constexpr int BM = kTileM, BN = kTileN, BK = 32;
 constexpr int C_LD = 132;          // leading dimension of the fp32 result tile (either layout)
 constexpr int kMaxSplits = 64;
 constexpr int kColsumRows = 256;  // rows per partial column sum
+// gridDim.y is at most 65535: kernels with row tiles (or row chunks) on y loop over them with
+// stride gridDim.y (N > 8.4M rows for 128-row tiles). The emulator caps y at 1 so that every
+// multi-tile test runs that loop, a small-shape proxy for the large-N launches.
+#ifdef FASTATTN_CUDA_EMULATE
+constexpr int kMaxGridY = 1;
+#else
+constexpr int kMaxGridY = 65535;
+#endif
 static_assert(BM == 128 && BN == 128, "the warp layout below assumes 128 x 128 tiles");
 
 // ----------------------------------------------------------------------------- element helpers
@@ -72,6 +80,11 @@ __device__ __forceinline__ T zero_of() {
 template <typename TG>
 __device__ __forceinline__ void copy8(TG* dst, const TG* src) {
 #ifdef FASTATTN_CUDA_EMULATE
+  // A GPU faults (misaligned address) on a vector access that is not aligned to its width:
+  // reject it here too, so a wrong `vec` decision (e.g. a view with a storage offset) fails the tests.
+  constexpr uintptr_t align = 8 * sizeof(TG) < 16 ? 8 * sizeof(TG) : 16;
+  if (reinterpret_cast<uintptr_t>(dst) % align != 0 || reinterpret_cast<uintptr_t>(src) % align != 0)
+    throw fa_emu::Fault("fa_emu: misaligned vector access (copy8)");
   std::memcpy(dst, src, 8 * sizeof(TG));
 #else
   constexpr int bytes = 8 * sizeof(TG);
@@ -531,16 +544,19 @@ __global__ void colsum_partial_kernel(const T* __restrict__ X, double* __restric
                                       unsigned* __restrict__ nonbinary, int64_t N, int d) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= d) return;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kColsumRows;
-  const int64_t r1 = N < r0 + kColsumRows ? N : r0 + kColsumRows;
-  double s = 0.0;
+  const int64_t chunks = (N + kColsumRows - 1) / kColsumRows;
   bool other = false;
-  for (int64_t r = r0; r < r1; ++r) {
-    const float v = to_f(X[r * d + c]);
-    s += v;
-    other |= v != 0.f && v != 1.f;
+  for (int64_t q = blockIdx.y; q < chunks; q += gridDim.y) {
+    const int64_t r0 = q * kColsumRows;
+    const int64_t r1 = N < r0 + kColsumRows ? N : r0 + kColsumRows;
+    double s = 0.0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float v = to_f(X[r * d + c]);
+      s += v;
+      other |= v != 0.f && v != 1.f;
+    }
+    partial[q * d + c] = s;
   }
-  partial[static_cast<int64_t>(blockIdx.y) * d + c] = s;
   if (nonbinary && other) atomicOr(nonbinary, 1u);
 }
 
@@ -566,49 +582,53 @@ __global__ void __launch_bounds__(kThreads)
                        unsigned long long* __restrict__ counts, const T* __restrict__ g, T* __restrict__ gz) {
   using Cfg = GemmCfg<TS, true, true>;
   FA_DYNAMIC_SMEM(unsigned char, smem);
-  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
-  block_gemm<TS, true, true, false>(Mat<T>{x, d, N, d, vec_x}, Mat<T>{w, d, n, d, vec_w}, m0, n0, d, smem);
-  const float* Cr = reinterpret_cast<const float*>(smem);  // z(r, c) at Cr[r * C_LD + c]
-  const int tid = threadIdx.x;
-  if constexpr (MODE == 0) {
-    constexpr int WB = BN / 8;  // bytes per tile row
-    uint8_t* pk = smem + Cfg::BYTES;  // [BM][WB]
-    const int64_t nbytes = (static_cast<int64_t>(n) + 7) / 8;
-    const T one = fa_from_float<T>(1.f), zero = zero_of<T>();
-    for (int q = 0; q < BM * WB / kThreads; ++q) {
-      const int idx = tid + q * kThreads, r = idx / WB, wb = idx % WB;
-      const int64_t row = m0 + r;
-      const int c0 = wb * 8;
-      unsigned byte = 0;
-      if (row < N && n0 + c0 < n) {
-        for (int e = 0; e < 8; ++e) {
-          const int col = n0 + c0 + e;
-          if (col >= n) break;
-          const float z = Cr[r * C_LD + c0 + e] + (bias ? to_f(bias[col]) : 0.f);
-          const unsigned bit = z > 0.f ? 1u : 0u;
-          byte |= bit << e;
-          if (code) code[row * n + col] = bit ? one : zero;
+  const int n0 = blockIdx.x * BN, mtiles = (N + BM - 1) / BM;
+  for (int mt = blockIdx.y; mt < mtiles; mt += gridDim.y) {  // see kMaxGridY
+    const int m0 = mt * BM;
+    block_gemm<TS, true, true, false>(Mat<T>{x, d, N, d, vec_x}, Mat<T>{w, d, n, d, vec_w}, m0, n0, d, smem);
+    const float* Cr = reinterpret_cast<const float*>(smem);  // z(r, c) at Cr[r * C_LD + c]
+    const int tid = threadIdx.x;
+    if constexpr (MODE == 0) {
+      constexpr int WB = BN / 8;  // bytes per tile row
+      uint8_t* pk = smem + Cfg::BYTES;  // [BM][WB]
+      const int64_t nbytes = (static_cast<int64_t>(n) + 7) / 8;
+      const T one = fa_from_float<T>(1.f), zero = zero_of<T>();
+      for (int q = 0; q < BM * WB / kThreads; ++q) {
+        const int idx = tid + q * kThreads, r = idx / WB, wb = idx % WB;
+        const int64_t row = m0 + r;
+        const int c0 = wb * 8;
+        unsigned byte = 0;
+        if (row < N && n0 + c0 < n) {
+          for (int e = 0; e < 8; ++e) {
+            const int col = n0 + c0 + e;
+            if (col >= n) break;
+            const float z = Cr[r * C_LD + c0 + e] + (bias ? to_f(bias[col]) : 0.f);
+            const unsigned bit = z > 0.f ? 1u : 0u;
+            byte |= bit << e;
+            if (code) code[row * n + col] = bit ? one : zero;
+          }
+          packed[row * nbytes + (n0 + c0) / 8] = static_cast<uint8_t>(byte);
         }
-        packed[row * nbytes + (n0 + c0) / 8] = static_cast<uint8_t>(byte);
+        pk[r * WB + wb] = static_cast<uint8_t>(byte);
       }
-      pk[r * WB + wb] = static_cast<uint8_t>(byte);
+      __syncthreads();
+      if (tid < BN && n0 + tid < n) {
+        unsigned cnt = 0;
+        for (int r = 0; r < BM; ++r) cnt += (pk[r * WB + tid / 8] >> (tid % 8)) & 1u;
+        if (cnt) atomicAdd(counts + n0 + tid, static_cast<unsigned long long>(cnt));
+      }
+    } else {
+      for (int q = 0; q < BM * BN / kThreads; ++q) {
+        const int idx = tid + q * kThreads, r = idx / BN, c = idx % BN;
+        const int64_t row = m0 + r;
+        const int col = n0 + c;
+        if (row >= N || col >= n) continue;
+        const float z = Cr[r * C_LD + c] + (bias ? to_f(bias[col]) : 0.f);
+        const float s = 1.f / (1.f + expf(-z));
+        gz[row * n + col] = fa_from_float<T>(to_f(g[row * n + col]) * s * (1.f - s));
+      }
     }
-    __syncthreads();
-    if (tid < BN && n0 + tid < n) {
-      unsigned cnt = 0;
-      for (int r = 0; r < BM; ++r) cnt += (pk[r * WB + tid / 8] >> (tid % 8)) & 1u;
-      if (cnt) atomicAdd(counts + n0 + tid, static_cast<unsigned long long>(cnt));
-    }
-  } else {
-    for (int q = 0; q < BM * BN / kThreads; ++q) {
-      const int idx = tid + q * kThreads, r = idx / BN, c = idx % BN;
-      const int64_t row = m0 + r;
-      const int col = n0 + c;
-      if (row >= N || col >= n) continue;
-      const float z = Cr[r * C_LD + c] + (bias ? to_f(bias[col]) : 0.f);
-      const float s = 1.f / (1.f + expf(-z));
-      gz[row * n + col] = fa_from_float<T>(to_f(g[row * n + col]) * s * (1.f - s));
-    }
+    __syncthreads();  // every read of this tile (and of pk) before the next tile's staging writes
   }
 }
 
@@ -739,17 +759,21 @@ __global__ void __launch_bounds__(kThreads)
                     bool vec_s) {
   if (skip_for<WANT>(nonbinary)) return;
   FA_DYNAMIC_SMEM(unsigned char, smem);
-  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
-  block_gemm<TS, true, false, false>(Mat<T>{h, n, B, n, vec_h}, Mat<int8_t>{S, n, n, n, vec_s}, m0, n0, n, smem);
-  const float* Cr = reinterpret_cast<const float*>(smem);
-  const double Bd = B, gscale = 2.0 / (Bd - 1.0);
-  for (int q = 0; q < BM * BN / kThreads; ++q) {
-    const int idx = threadIdx.x + q * kThreads, rr = idx / BN, c = idx % BN;
-    const int64_t row = m0 + rr;
-    const int col = n0 + c;
-    if (row >= B || col >= n) continue;
-    const double v = gscale * (static_cast<double>(Cr[rr * C_LD + c]) - r[col] / Bd);
-    grad[row * n + col] = fa_from_float<T>(static_cast<float>(v));
+  const int n0 = blockIdx.x * BN, mtiles = (B + BM - 1) / BM;
+  for (int mt = blockIdx.y; mt < mtiles; mt += gridDim.y) {  // see kMaxGridY
+    const int m0 = mt * BM;
+    block_gemm<TS, true, false, false>(Mat<T>{h, n, B, n, vec_h}, Mat<int8_t>{S, n, n, n, vec_s}, m0, n0, n, smem);
+    const float* Cr = reinterpret_cast<const float*>(smem);
+    const double Bd = B, gscale = 2.0 / (Bd - 1.0);
+    for (int q = 0; q < BM * BN / kThreads; ++q) {
+      const int idx = threadIdx.x + q * kThreads, rr = idx / BN, c = idx % BN;
+      const int64_t row = m0 + rr;
+      const int col = n0 + c;
+      if (row >= B || col >= n) continue;
+      const double v = gscale * (static_cast<double>(Cr[rr * C_LD + c]) - r[col] / Bd);
+      grad[row * n + col] = fa_from_float<T>(static_cast<float>(v));
+    }
+    __syncthreads();  // the tile is read before the next tile's staging writes
   }
 }
 
@@ -766,6 +790,7 @@ const char* by_dtype(DType dt, F&& f) {
 }
 
 inline int cdiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+inline unsigned grid_y(int tiles) { return static_cast<unsigned>(tiles < kMaxGridY ? tiles : kMaxGridY); }
 inline size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
 inline fa_stream_t as_stream(void* s) { return reinterpret_cast<fa_stream_t>(s); }
 
@@ -815,7 +840,7 @@ void launch_cov_grad(const T* h, const int8_t* S, const double* r, const unsigne
                      fa_stream_t st) {
   const size_t smem = GemmCfg<TS, true, false>::BYTES;
   FA_SET_MAX_DYNAMIC_SMEM((cov_grad_kernel<T, TS, WANT>), smem);
-  FA_LAUNCH((cov_grad_kernel<T, TS, WANT>), dim3(cdiv(n, BN), cdiv(B, BM)), kThreads, smem, st, h, S, r, flag, grad,
+  FA_LAUNCH((cov_grad_kernel<T, TS, WANT>), dim3(cdiv(n, BN), grid_y(cdiv(B, BM))), kThreads, smem, st, h, S, r, flag, grad,
             B, n, vec_ok<T>(h, n), vec_ok<int8_t>(S, n));
 }
 
@@ -838,17 +863,27 @@ size_t topk_workspace_bytes(int64_t N, int64_t n, int64_t k, int num_sms) {
   return static_cast<size_t>(row_blocks) * topk_splits(N, n, k, num_sms) * k * BM * (sizeof(float) + sizeof(int));
 }
 
+bool topk_smem_lists(DType dt, int64_t k, size_t max_smem) {
+  if (k > kTopkSmemMaxK) return false;
+  const size_t gemm = dt == kF32 ? GemmCfg<float, true, true>::BYTES : GemmCfg<fp16, true, true>::BYTES;
+  return gemm + static_cast<size_t>(k) * BM * 8 <= max_smem;
+}
+
 const char* topk_encode(DType dt, const void* x, const void* weight, const void* bias, void* values,
-                        int64_t* indices, void* workspace, int N, int d, int n, int k, int num_sms, void* stream) {
+                        int64_t* indices, void* workspace, int N, int d, int n, int k, int num_sms,
+                        size_t max_smem, void* stream) {
   if (N == 0) return nullptr;
   const int splits = topk_splits(N, n, k, num_sms), row_blocks = cdiv(N, BM);
   float* cand_v = static_cast<float*>(workspace);
   int* cand_i = reinterpret_cast<int*>(cand_v + static_cast<size_t>(row_blocks) * splits * k * BM);
-  const bool smem_lists = k <= kTopkSmemMaxK;
+  // Lists in shared memory only where the device allows it: a fixed k <= 64 test would ask an
+  // sm_86/89 GPU (99 KB opt-in) for up to 136 KB and every launch would fail there.
+  const bool smem_lists = topk_smem_lists(dt, k, max_smem);
   const fa_stream_t st = as_stream(stream);
   return by_dtype(dt, [&](auto t, auto) -> const char* {
     using T = decltype(t);
     const size_t smem = GemmCfg<T, true, true>::BYTES + (smem_lists ? static_cast<size_t>(k) * BM * 8 : 0);
+    if (smem > max_smem) return "topk_encode: the device's shared memory per block is too small (the GEMM tile needs 66-72 KB)";
     FA_SET_MAX_DYNAMIC_SMEM((topk_tiles_kernel<T, T>), smem);
     FA_LAUNCH((topk_tiles_kernel<T, T>), dim3(row_blocks, splits), kThreads, smem, st, static_cast<const T*>(x),
               static_cast<const T*>(weight), static_cast<const T*>(bias), cand_v, cand_i, N, d, n, k, splits,
@@ -907,7 +942,7 @@ const char* colsum(DType dt, const void* X, void* out, void* workspace, int64_t 
   double* partial = static_cast<double*>(workspace);
   return by_dtype(dt, [&](auto t, auto) -> const char* {
     using T = decltype(t);
-    FA_LAUNCH((colsum_partial_kernel<T>), dim3(cdiv(d, 128), chunks), 128, 0, st, static_cast<const T*>(X), partial,
+    FA_LAUNCH((colsum_partial_kernel<T>), dim3(cdiv(d, 128), grid_y(chunks)), 128, 0, st, static_cast<const T*>(X), partial,
               static_cast<unsigned*>(nullptr), N, d);
     FA_LAUNCH((colsum_finish_kernel<T>), cdiv(d, 128), 128, 0, st, static_cast<const double*>(partial),
               static_cast<T*>(out), chunks, d);
@@ -925,7 +960,7 @@ const char* binary_encode(DType dt, const void* x, const void* weight, const voi
     using T = decltype(t);
     const size_t smem = GemmCfg<T, true, true>::BYTES + BM * BN / 8;
     FA_SET_MAX_DYNAMIC_SMEM((encode_tile_kernel<T, T, 0>), smem);
-    FA_LAUNCH((encode_tile_kernel<T, T, 0>), dim3(cdiv(n, BN), cdiv(N, BM)), kThreads, smem, st,
+    FA_LAUNCH((encode_tile_kernel<T, T, 0>), dim3(cdiv(n, BN), grid_y(cdiv(N, BM))), kThreads, smem, st,
               static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias), N, d, n,
               vec_ok<T>(x, d), vec_ok<T>(weight, d), static_cast<T*>(code), packed,
               reinterpret_cast<unsigned long long*>(counts), static_cast<const T*>(nullptr), static_cast<T*>(nullptr));
@@ -950,7 +985,7 @@ const char* ste_grad(DType dt, int ste, const void* g, const void* x, const void
     } else {
       const size_t smem = GemmCfg<T, true, true>::BYTES;
       FA_SET_MAX_DYNAMIC_SMEM((encode_tile_kernel<T, T, 1>), smem);
-      FA_LAUNCH((encode_tile_kernel<T, T, 1>), dim3(cdiv(n, BN), cdiv(N, BM)), kThreads, smem, st,
+      FA_LAUNCH((encode_tile_kernel<T, T, 1>), dim3(cdiv(n, BN), grid_y(cdiv(N, BM))), kThreads, smem, st,
                 static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias), N, d, n,
                 vec_ok<T>(x, d), vec_ok<T>(weight, d), static_cast<T*>(nullptr), static_cast<uint8_t*>(nullptr),
                 static_cast<unsigned long long*>(nullptr), static_cast<const T*>(g), static_cast<T*>(gz));
@@ -978,7 +1013,7 @@ const char* covariance_penalty(DType dt, const void* h, void* value, void* grad,
     using T = decltype(t);
     const T* H = static_cast<const T*>(h);
     if (n > 0) {
-      FA_LAUNCH((colsum_partial_kernel<T>), dim3(cdiv(n, 128), L.chunks), 128, 0, st, H, partial, flag,
+      FA_LAUNCH((colsum_partial_kernel<T>), dim3(cdiv(n, 128), grid_y(L.chunks)), 128, 0, st, H, partial, flag,
                 static_cast<int64_t>(B), n);
       FA_LAUNCH((colsum_finish_kernel<double>), cdiv(n, 128), 128, 0, st, static_cast<const double*>(partial), csum,
                 L.chunks, n);

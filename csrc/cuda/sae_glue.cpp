@@ -22,17 +22,38 @@ int num_sms(int device) {
   if (device < 0 || device >= 64) return 132;
   int v = cache[device].load(std::memory_order_relaxed);
   if (v == 0) {
-    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || v <= 0) v = 132;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || v <= 0) {
+      (void)cudaGetLastError();  // else the next launcher's fa_last_error() would report it
+      v = 132;
+    }
     cache[device].store(v, std::memory_order_relaxed);
   }
   return v;
+}
+
+// Opt-in dynamic shared memory per block of a device, queried once (99 KB on sm_86/89 runs the
+// sm_80 binary with less shared memory than an A100: the TopK encoder sizes its lists by it).
+size_t max_smem(int device) {
+  static std::array<std::atomic<int>, 64> cache{};
+  if (device < 0 || device >= 64) device = -1;
+  int v = device >= 0 ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    int d = device;
+    if (d < 0 && cudaGetDevice(&d) != cudaSuccess) d = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, d) != cudaSuccess || v <= 0) {
+      (void)cudaGetLastError();  // not a launch error: fall back to the smallest sm_8x limit
+      v = 101376;
+    }
+    if (device >= 0) cache[device].store(v, std::memory_order_relaxed);
+  }
+  return static_cast<size_t>(v);
 }
 
 // Call under a CUDAGuard for t's device.
 G::Env env(const at::Tensor& t) {
   const auto index = t.device().index();
   return {c10::DeviceType::CUDA, static_cast<void*>(c10::cuda::getCurrentCUDAStream(index).stream()),
-          num_sms(index)};
+          num_sms(index), max_smem(index)};
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x, const at::Tensor& weight,

@@ -13,13 +13,21 @@ namespace G = fastattn::sae_cuda_glue;
 
 // The SM count steers only the TopK encoder's column splits; tests vary it to cover the merge.
 int g_num_sms = 4;
+// The device's opt-in shared memory per block (an A100's by default); tests lower it to an
+// sm_86/89's 99 KB to run the TopK encoder's workspace lists at small k.
+size_t g_max_smem = 166912;
 
-G::Env env() { return {c10::DeviceType::CPU, nullptr, g_num_sms}; }
+G::Env env() { return {c10::DeviceType::CPU, nullptr, g_num_sms, g_max_smem}; }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_num_sms", [](int s) { g_num_sms = s; }, "SM count assumed by the TopK column splits");
+  m.def("set_max_smem", [](int64_t b) { g_max_smem = static_cast<size_t>(b); },
+        "opt-in shared memory per block of the emulated device (bytes)");
+  m.def("topk_smem_lists", [](const at::Tensor& like, int64_t k) {
+    return fastattn::sae_cuda::topk_smem_lists(G::dtype_of(like), k, g_max_smem);
+  });
   m.def("topk_splits", [](int64_t N, int64_t n, int64_t k) { return fastattn::sae_cuda::topk_splits(N, n, k, g_num_sms); });
   m.def("topk_encode", [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t k) {
     return G::topk_encode(x, w, b, k, env());

@@ -47,6 +47,8 @@ inline Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   } else {
     TORCH_CHECK(q.device().is_cuda(), "cuda backend: tensors must be on a CUDA device");
   }
+  if (kpm.has_value())  // the kernels dereference it on q's device
+    TORCH_CHECK(kpm->device() == q.device(), "key_padding_mask must be on q's device");
   dtype_of(q.scalar_type());
   TORCH_CHECK(p.D % 16 == 0 && p.D >= 16 && p.D <= kMaxD,
               "circular_relative_attention (cuda): head dim must be a multiple of 16 in [16, ", kMaxD, "], got ", p.D);

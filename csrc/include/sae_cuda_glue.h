@@ -18,11 +18,14 @@ namespace fastattn::sae_cuda_glue {
 namespace L = fastattn::sae_cuda;
 
 // Where the kernels run: the device type the tensors must be on (CUDA, or CPU in emulation),
-// the stream (cudaStream_t as void*) and the SM count (for the TopK encoder's column splits).
+// the stream (cudaStream_t as void*), the SM count (for the TopK encoder's column splits) and the
+// device's opt-in dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin:
+// 163 KB on sm_80, 99 KB on sm_86/89, 227 KB on sm_90; the emulator plays an A100 by default).
 struct Env {
   c10::DeviceType device;
   void* stream;
   int num_sms;
+  size_t max_smem = 166912;
 };
 
 inline L::DType dtype_of(const at::Tensor& t) {
@@ -82,7 +85,7 @@ inline std::tuple<at::Tensor, at::Tensor> topk_encode(const at::Tensor& x, const
   auto ws = bytes_workspace(L::topk_workspace_bytes(N, n, k, env.num_sms), x);
   check_launch(L::topk_encode(dt, x.data_ptr(), weight.data_ptr(), ptr_or_null(bias), values.data_ptr(),
                               indices.data_ptr<int64_t>(), ws.data_ptr(), (int)N, (int)d, (int)n, (int)k, env.num_sms,
-                              env.stream),
+                              env.max_smem, env.stream),
                "topk_encode");
   return {values, indices};
 }
@@ -95,6 +98,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(const
   const int64_t n = sae_check_linear(x, weight, std::nullopt);
   check_device(x, "x", env);
   const auto dt = dtype_of(x);
+  TORCH_CHECK(grad_values.device() == x.device(), "grad_values must be on ", x.device());  // raw pointers below
   const auto g = grad_values.contiguous().to(x.scalar_type());
   sae_check_sparse(g, indices, n);
   TORCH_CHECK(g.size(0) == x.size(0), "grad_values must have N = ", x.size(0), " rows");
@@ -146,6 +150,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(con
   const auto dt = dtype_of(values);
   const int64_t N = values.size(0), n = weight.size(0), d = weight.size(1), k = values.size(1);
   TORCH_CHECK(n <= INT32_MAX && d <= INT32_MAX && N * k <= INT32_MAX, "sizes must fit in int32");
+  TORCH_CHECK(grad_out.device() == values.device(), "grad_out must be on ", values.device());
   const auto g = grad_out.contiguous().to(values.scalar_type());
   TORCH_CHECK(g.dim() == 2 && g.size(0) == N && g.size(1) == d, "grad_out must be [N, d] = [", N, ", ", d, "]");
   auto dvalues = at::empty_like(values);
@@ -190,6 +195,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> binary_encode_backward(con
   TORCH_CHECK(grad_code.dim() == 2 && grad_code.size(0) == x.size(0) && grad_code.size(1) == n,
               "grad_code must be [N, n] = [", x.size(0), ", ", n, "]");
   const int64_t N = x.size(0), d = x.size(1);
+  TORCH_CHECK(grad_code.device() == x.device(), "grad_code must be on ", x.device());
   const auto g = grad_code.to(x.scalar_type()).contiguous();
   auto gz = at::empty_like(g);  // the gradient with respect to the pre-activation
   check_launch(L::ste_grad(dt, (int)ste, g.data_ptr(), x.data_ptr(), weight.data_ptr(), ptr_or_null(bias),

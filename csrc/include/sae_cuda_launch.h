@@ -19,18 +19,23 @@ enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 // Tiles of the fused encoder: rows x latents per GEMM tile (the CTA tile of every GEMM below).
 constexpr int kTileM = 128;
 constexpr int kTileN = 128;
-// Running lists up to this k live in shared memory; above it they live in the workspace.
+// Running lists up to this k live in shared memory when they fit the device's opt-in limit
+// (next to the 66-72 KB GEMM tile: sm_80 and sm_90 hold k = 64, sm_86/89's 99 KB only k <= 33 at
+// fp16/bf16 and k <= 27 at fp32); otherwise they live in the workspace (same results).
 constexpr int kTopkSmemMaxK = 64;
+// Whether topk_encode keeps the running lists in shared memory on a device whose opt-in dynamic
+// shared memory per block is max_smem bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+bool topk_smem_lists(DType dt, int64_t k, size_t max_smem);
 
 // Column splits of the latent axis (each split keeps its own per-row candidate list); a function
 // of the shapes and the SM count only. The result never depends on it (the selection is exact).
 int topk_splits(int64_t N, int64_t n, int64_t k, int num_sms);
 size_t topk_workspace_bytes(int64_t N, int64_t n, int64_t k, int num_sms);
 // values [N, k] (dt), indices [N, k] int64: the k largest x·Wᵀ + b per row, sorted descending,
-// ties by lower index. bias may be nullptr.
+// ties by lower index. bias may be nullptr. max_smem: the device's opt-in shared memory per block.
 const char* topk_encode(DType dt, const void* x, const void* weight, const void* bias, void* values,
                         int64_t* indices, void* workspace, int N, int d, int n, int k, int num_sms,
-                        void* stream);
+                        size_t max_smem, void* stream);
 
 // ---------------------------------------------------------------- sparse gathers and scatters
 // out[r] = Σ_k coef[r, k] · rows[idx[r, k]] (+ bias); out [N, d]. Indices outside [0, n) are skipped.

@@ -11,7 +11,7 @@ the factors. The layout must match ``csrc/include/cra_common.h``.
 from __future__ import annotations
 
 import numbers
-from typing import List, NamedTuple
+from typing import Callable, List, NamedTuple
 
 import torch
 from torch import Tensor
@@ -120,6 +120,7 @@ def validate(q, k, v, onset, pitch, kw: dict, key_padding_mask, combine, time_mo
     coords = {"onset": onset, "pitch": pitch, "bar": kw["bar"], "position": kw["position"]}
     limits = {"onset": (-1, 2**30), "pitch": (-1, 127), "bar": (-1, 2**30),
               "position": (-1, kw["bar_res"] - 1)}
+    ranges = []  # (name, t, lo, hi): read back together, one device sync for all of them
     for name, t in coords.items():
         if t is None:
             if need[name]:
@@ -133,11 +134,14 @@ def validate(q, k, v, onset, pitch, kw: dict, key_padding_mask, combine, time_mo
             raise ValueError(f"{name} must have shape [B, Lk] = [{B}, {Lk}], got {_shape(t)}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-        lo, hi = limits[name]
         if check_values and t.numel():
-            if int(t.min()) < lo:
+            ranges.append((name, t) + limits[name])
+    if ranges:
+        found = torch.stack([torch.stack([t.min(), t.max()]).to(torch.int64) for _, t, _, _ in ranges]).tolist()
+        for (name, _, lo, hi), (t_min, t_max) in zip(ranges, found):
+            if t_min < lo:
                 raise ValueError(f"{name} has values below {lo} (-1 marks a missing value)")
-            if hi is not None and int(t.max()) > hi:
+            if t_max > hi:
                 raise ValueError(f"{name} has values above {hi}")
     if key_padding_mask is not None:
         m = key_padding_mask
@@ -156,10 +160,45 @@ def _outer(a: Tensor, b: Tensor, combine: str) -> Tensor:
     return x.flatten(-3, -2)
 
 
+# Assembled tables of recent calls that need no gradient (decoding: the same tables at every
+# step), keyed by the source tables' identities and versions; the entries hold the sources, so an
+# id cannot be reused while cached, and an in-place update (optimizer step) bumps the version.
+_TABLE_CACHE: List[tuple] = []  # (key, table), most recent last
+_TABLE_CACHE_SIZE = 4
+
+
+def _table_key(kw: dict, combine: str, time_mode: str, H: int):
+    tables = [kw[n] for n in TABLE_ARGS if kw[n] is not None]
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tables)):
+        return None
+    if any(t.is_inference() for t in tables):  # no version counter (made under inference_mode)
+        return None
+    return (combine, time_mode, H) + tuple((t, t._version) for t in tables)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return a[:3] == b[:3] and len(a) == len(b) and all(
+        x is y and vx == vy for (x, vx), (y, vy) in zip(a[3:], b[3:]))
+
+
+def _cached_table(key, build) -> Tensor:
+    if key is None:
+        return build()
+    for i, (k, table) in enumerate(_TABLE_CACHE):
+        if _same_key(k, key):
+            _TABLE_CACHE.append(_TABLE_CACHE.pop(i))
+            return table
+    table = build()
+    _TABLE_CACHE.append((key, table))
+    del _TABLE_CACHE[:-_TABLE_CACHE_SIZE]
+    return table
+
+
 def assemble(q: Tensor, Lk: int, onset, pitch, kw: dict, combine: str, time_mode: str) -> Assembled:
-    """Build the concatenated table, coordinate channels and term integers for the kernels."""
+    """Build the concatenated table, coordinate channels and term integers for the kernels.
+    The table is reused across calls with the same tables when no gradient is needed."""
     B, H, _, D = q.shape
-    blocks: List[Tensor] = []
+    blocks: List[Callable[[], Tensor]] = []
     terms: List[int] = []
     channels: List[Tensor] = []
     rows = 0
@@ -168,25 +207,28 @@ def assemble(q: Tensor, Lk: int, onset, pitch, kw: dict, combine: str, time_mode
         channels.append(t.to(torch.int32))
         return len(channels) - 1
 
-    def add(block: Tensor, kind, part=PART_COMBINED, ch_hi=-1, ch_lo=-1, param=0, hi_min=0,
-            n_hi=0, n_lo=1):
+    def add(block: Callable[[], Tensor], n_rows: int, kind, part=PART_COMBINED, ch_hi=-1, ch_lo=-1,
+            param=0, hi_min=0, n_hi=0, n_lo=1):
         nonlocal rows
         terms.extend([kind, part, ch_hi, ch_lo, param, hi_min, n_hi, n_lo, rows])
         blocks.append(block)
-        rows += block.shape[-2]
+        rows += n_rows
+
+    def table_block(t: Tensor) -> Callable[[], Tensor]:
+        return lambda: t
 
     def decomposed(kind, t_hi, t_lo, ch_hi, ch_lo, param, hi_min):
         n_hi, n_lo = t_hi.shape[-2], t_lo.shape[-2]
         common = dict(ch_hi=ch_hi, ch_lo=ch_lo, param=param, hi_min=hi_min, n_hi=n_hi, n_lo=n_lo)
         if combine == "hadamard":
-            add(_outer(t_hi, t_lo, combine), kind, PART_COMBINED, **common)
+            add(lambda: _outer(t_hi, t_lo, combine), n_hi * n_lo, kind, PART_COMBINED, **common)
         else:  # the sum splits into two gathers from much smaller blocks
-            add(t_hi, kind, PART_HI, **common)
-            add(t_lo, kind, PART_LO, **common)
+            add(table_block(t_hi), n_hi, kind, PART_HI, **common)
+            add(table_block(t_lo), n_lo, kind, PART_LO, **common)
 
     if kw["rel_index_table"] is not None:
         t = kw["rel_index_table"]
-        add(t, KIND_INDEX, hi_min=kw["rel_index_min"], n_hi=t.shape[-2])
+        add(table_block(t), t.shape[-2], KIND_INDEX, hi_min=kw["rel_index_min"], n_hi=t.shape[-2])
     if kw["bar_table"] is not None:
         R = kw["bar_res"]
         if time_mode == "fields":
@@ -200,7 +242,8 @@ def assemble(q: Tensor, Lk: int, onset, pitch, kw: dict, combine: str, time_mode
                        R, kw["bar_min"])
     if kw["time_table"] is not None:
         t = kw["time_table"]
-        add(t, KIND_DIRECT, ch_hi=channel(onset), hi_min=kw["time_min"], n_hi=t.shape[-2])
+        add(table_block(t), t.shape[-2], KIND_DIRECT, ch_hi=channel(onset), hi_min=kw["time_min"],
+            n_hi=t.shape[-2])
     if kw["octave_table"] is not None:
         missing = pitch < 0
         hi = torch.where(missing, -1, torch.div(pitch, 12, rounding_mode="floor"))
@@ -209,13 +252,20 @@ def assemble(q: Tensor, Lk: int, onset, pitch, kw: dict, combine: str, time_mode
                    channel(lo), 12, kw["octave_min"])
     if kw["pitch_table"] is not None:
         t = kw["pitch_table"]
-        add(t, KIND_DIRECT, ch_hi=channel(pitch), hi_min=kw["pitch_min"], n_hi=t.shape[-2])
+        add(table_block(t), t.shape[-2], KIND_DIRECT, ch_hi=channel(pitch), hi_min=kw["pitch_min"],
+            n_hi=t.shape[-2])
 
-    if any(b.dim() == 3 for b in blocks):
-        blocks = [b if b.dim() == 3 else b.unsqueeze(0).expand(H, -1, -1) for b in blocks]
-    else:
-        blocks = [b.unsqueeze(0) for b in blocks]
-    table = torch.cat(blocks, dim=1).contiguous() if blocks else q.new_zeros(1, 0, D)
+    def build() -> Tensor:
+        parts = [make() for make in blocks]
+        if not parts:
+            return q.new_zeros(1, 0, D)
+        if any(b.dim() == 3 for b in parts):
+            parts = [b if b.dim() == 3 else b.unsqueeze(0).expand(H, -1, -1) for b in parts]
+        else:
+            parts = [b.unsqueeze(0) for b in parts]
+        return torch.cat(parts, dim=1).contiguous()
+
+    table = _cached_table(_table_key(kw, combine, time_mode, H), build)
     if channels:
         coords = torch.stack(channels, dim=1).contiguous()
     else:
