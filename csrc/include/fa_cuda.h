@@ -89,7 +89,10 @@ struct Block {
   std::optional<std::barrier<>> bar;
   std::vector<std::unique_ptr<Warp>> warps;
   unsigned char* dynamic_smem = nullptr;
+  size_t smem_bytes = 0;
   void reset() {  // called by one thread between blocks, while the others wait
+    // A NaN pattern, so that reading shared memory no thread of this block wrote shows up.
+    std::memset(dynamic_smem, 0xFF, smem_bytes);
     bar.emplace(nthreads);
     for (size_t w = 0; w < warps.size(); ++w) {
       unsigned lanes = std::min<unsigned>(32, nthreads - 32 * static_cast<unsigned>(w));
@@ -114,7 +117,14 @@ inline Warp& warp() { return *t_block->warps[t_linear / 32]; }
 
 // What a GPU would reject, checked here so the emulator fails where the hardware would:
 // dynamic shared memory above 48 KB without the opt-in, or above the largest (Hopper's 227 KB).
-constexpr size_t kDefaultSmem = 48 * 1024, kMaxSmem = 227 * 1024;
+constexpr size_t kDefaultSmem = 48 * 1024;
+// The device's opt-in limit: Hopper's 227 KB unless a test plays another GPU (A100: 163 KB,
+// sm_86/89: 99 KB) with set_device_max_smem.
+inline size_t& device_max_smem() {
+  static size_t bytes = 227 * 1024;
+  return bytes;
+}
+inline void set_device_max_smem(size_t bytes) { device_max_smem() = bytes; }
 inline std::mutex& registry_mutex() {
   static std::mutex m;
   return m;
@@ -134,7 +144,7 @@ inline void set_max_dynamic_smem(const void* kernel, size_t bytes) {
 }
 inline const char* smem_error(const void* kernel, size_t bytes) {
   if (bytes <= kDefaultSmem) return nullptr;
-  if (bytes > kMaxSmem) return "fa_emu: dynamic shared memory above 227 KB";
+  if (bytes > device_max_smem()) return "fa_emu: dynamic shared memory above the device's limit";
   std::lock_guard<std::mutex> g(registry_mutex());
   for (auto& e : smem_optins())
     if (e.first == kernel && e.second >= bytes) return nullptr;
@@ -183,11 +193,14 @@ template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args... args) {
   const unsigned n = block.x * block.y * block.z;
   if (n == 0 || n > 1024) throw Fault("fa_emu: block size must be 1..1024 threads");
+  if (grid.y > 65535 || grid.z > 65535 || grid.x == 0 || grid.y == 0 || grid.z == 0)
+    throw Fault("fa_emu: invalid grid (y and z at most 65535, none empty)");
   if (const char* why = smem_error(reinterpret_cast<const void*>(kernel), smem_bytes)) throw Fault(why);
   std::vector<unsigned char> smem(smem_bytes + 128);
   Block state;
   state.nthreads = n;
   state.dynamic_smem = smem.data() + (128 - reinterpret_cast<uintptr_t>(smem.data()) % 128) % 128;
+  state.smem_bytes = smem_bytes;
   for (unsigned w = 0; w < (n + 31) / 32; ++w) state.warps.emplace_back(new Warp());
   std::barrier<> step(n);
   std::tuple<std::decay_t<KArgs>...> packed(static_cast<std::decay_t<KArgs>>(args)...);
