@@ -62,6 +62,7 @@ setup(
     version=version(),
     description="Fused kernels for circular relative attention and sparse autoencoders",
     packages=find_packages(include=["fastattn", "fastattn.*"]),
+    package_data={"fastattn.analyze": ["data/*.txt"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
@@ -69,6 +70,7 @@ setup(
     extras_require={
         "music": ["symusic", "matplotlib", "tqdm"],
         "sae": ["safetensors", "tqdm", "matplotlib"],
+        "analyze": ["transformers", "safetensors", "tqdm", "matplotlib"],
         "dev": ["pytest", "ninja", "pybind11", "triton"],
     },
     entry_points={"console_scripts": ["fastattn=fastattn.cli:main"]},

@@ -265,3 +265,12 @@ def _log_record(cfg, model, window, window_steps, step, epoch, t0) -> dict:
         rec["dead_frac"] = rec["never_fired_frac"]  # BAE: no long-horizon counter; none fired in the window
     rec["time_s"] = round(time.time() - t0, 3)
     return rec
+
+
+def load_trained(path, device: str = "cpu"):
+    """(TrainConfig, model in eval mode) from a checkpoint written by :func:`train`."""
+    state = load_checkpoint(Path(path))
+    cfg = TrainConfig(**{**state["config"], "device": device})
+    model = build_model(cfg, state["d_in"])
+    model.load_state_dict(state["model"])
+    return cfg, model.to(device).eval()
