@@ -23,7 +23,7 @@ needs_cpp = pytest.mark.skipif(not HAVE_CPP, reason=f"cpp backend not built: {_e
 HAVE_TRITON = importlib.util.find_spec("triton") is not None and os.environ["TRITON_INTERPRET"] == "1"
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton missing or TRITON_INTERPRET != 1")
 FUSED = [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
-CPP = [pytest.param("cpp", marks=needs_cpp)]  # tests that need fp64 (the Triton kernels run fp32)
+CPP = [pytest.param("cpp", marks=needs_cpp)]  # tests that need fp64 (the Triton kernels have none)
 
 SHAPES = [(1, 1), (7, 7), (129, 129), (1, 9), (5, 33), (20, 150)]
 
@@ -58,7 +58,7 @@ def test_terms_grid_fp64(backend, terms, combine, causal):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_shapes(backend, Lq, Lk, per_head, dtype):
     if backend == "triton" and dtype == torch.float64:
-        pytest.skip("the Triton kernels run fp32: the fp32 case covers them")
+        pytest.skip("the Triton kernels have no fp64: the fp32 case covers them")
     compare(backend, dtype, terms="all", Lq=Lq, Lk=Lk, per_head=per_head, causal=True, kpm=Lk > 3,
             D=16 if Lk < 100 else 32, seed=Lq * 1000 + Lk)
 
@@ -128,7 +128,7 @@ def test_gradcheck(backend, terms, combine):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fully_masked_rows_give_zeros(backend, dtype):
     if backend == "triton" and dtype == torch.float64:
-        pytest.skip("the Triton kernels run fp32")
+        pytest.skip("the Triton kernels have no fp64")
     q, k, v, onset, pitch, kw, leaves = make_problem(B=2, Lq=5, Lk=9, terms="all", dtype=dtype)
     kpm = torch.zeros(2, 9, dtype=torch.bool)
     kpm[0, :] = True          # batch 0: no key at all

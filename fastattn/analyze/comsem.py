@@ -154,24 +154,13 @@ def comsem(
         try:
             prompt = EXPLAIN + "\n".join(f"{i + 1}. {s}" for i, s in enumerate(shown))
             explanation = judge.ask([{"role": "user", "content": prompt}])
-            ans_pos = [
-                parse_yes_no(
-                    judge.ask(
-                        [{"role": "user", "content": CHECK.format(explanation=explanation, excerpt=s)}],
-                        max_tokens=4,
-                    )
-                )
-                for s in held
-            ]
-            ans_neg = [
-                parse_yes_no(
-                    judge.ask(
-                        [{"role": "user", "content": CHECK.format(explanation=explanation, excerpt=s)}],
-                        max_tokens=4,
-                    )
-                )
-                for s in negs
-            ]
+
+            def check(excerpt: str):
+                content = CHECK.format(explanation=explanation, excerpt=excerpt)
+                return parse_yes_no(judge.ask([{"role": "user", "content": content}], max_tokens=4))
+
+            ans_pos = [check(s) for s in held]
+            ans_neg = [check(s) for s in negs]
         except JudgeError as exc:
             rec["error"] = str(exc)
             results.append(rec)
