@@ -15,9 +15,14 @@ Forward: flash-style online softmax; saves out and log-sum-exp only.
 Backward (deterministic, no float atomics): one kernel over (group of query tiles, batch·head).
 Each program owns its query rows (dq) and accumulates dK/dV, the index-table gradient (indexed by
 Δn) and the small-table gradient into scratch regions that only it touches; torch sums the groups
-afterwards in a fixed order. dS is scattered into the small tables' [BM, SPAD] accumulator with a
-one-hot reduction (Triton has no register scatter-add): correct and deterministic, but its cost
-grows with SPAD, which is the first thing to measure on a GPU (see the issue notes).
+afterwards in a fixed order. Triton has no register scatter-add, so dS reaches the small tables
+through a per-program scratch row block [BM, SPAD]: per key tile, each query's (row, key) pairs are
+sorted (a bitonic network of gathers), runs of equal rows summed by a segmented scan, and only each
+run's end adds into the scratch, so every address is written once (deterministic, no atomics, no
+[BM, BN, SPAD] one-hot); after the key loop the scratch goes through two dots in column chunks.
+Decoding with few programs splits the keys and merges the partial softmaxes (_cra_combine_kernel).
+Open on a GPU: q·E for the small rows is still held in registers ([BM, SPAD]); with the paper's
+Hadamard tables (SPAD = 2048) that is too much for one program and needs measuring.
 
 Dtypes: fp32, fp16, bf16 (fp32 accumulation). Under TRITON_INTERPRET=1 the kernels run on CPU
 tensors (tests).
@@ -252,18 +257,60 @@ def _rmw(ptr, offs_r, offs_d, D, x, mask):
 
 
 @triton.jit
+def _seg_add(v1, f1, v2, f2):
+    """Segmented sum: a segment restarts where the flag is set."""
+    return tl.where(f2, v2, v1 + v2), f1 | f2
+
+
+@triton.jit
+def _sort_rows(x, LOG_BN: tl.constexpr):
+    """Ascending sort of each row of x [BM, 2^LOG_BN]: a bitonic network of gathers (one per
+    compare-exchange step), cheap on a GPU and in the interpreter alike (tl.sort is not)."""
+    idx = tl.broadcast_to(tl.arange(0, x.shape[1])[None, :], x.shape)
+    for kk in tl.static_range(1, LOG_BN + 1):
+        for jj in tl.static_range(kk):
+            partner = idx ^ (1 << (kk - 1 - jj))
+            y = tl.gather(x, partner, axis=1)
+            keep_min = (idx < partner) == ((idx & (1 << kk)) == 0)
+            x = tl.where(keep_min, tl.minimum(x, y), tl.maximum(x, y))
+    return x
+
+
+@triton.jit
+def _scatter_rows(dqe_base, ds, row, ok, m_ok, SPAD: tl.constexpr, BN: tl.constexpr,
+                  LOG_BN: tl.constexpr):
+    """dqe[m, row[m, n]] += ds[m, n] over the tile's valid pairs, deterministically and without
+    atomics or a [BM, BN, SPAD] one-hot: sort each query's (row, key) pairs, sum runs of equal rows
+    with a segmented scan, and let only each run's last element add into the scratch row, so every
+    address is written once per call."""
+    n = tl.arange(0, BN)
+    key = tl.where(ok, row * BN + n[None, :], SPAD * BN)  # invalid pairs sort last, out of range
+    key = _sort_rows(key, LOG_BN)
+    r = key // BN
+    v = tl.gather(ds, key % BN, axis=1)
+    j = tl.broadcast_to(n[None, :], r.shape)
+    start = (j == 0) | (r != tl.gather(r, tl.maximum(j - 1, 0), axis=1))
+    end = (j == BN - 1) | (r != tl.gather(r, tl.minimum(j + 1, BN - 1), axis=1))
+    total, _ = tl.associative_scan((v, start), 1, _seg_add)
+    mask = end & (r < SPAD) & m_ok[:, None]
+    ptr = dqe_base + tl.arange(0, r.shape[0])[:, None] * SPAD + r
+    tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + total, mask=mask)
+
+
+@triton.jit
 def _cra_bwd_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, coords_ptr, tp_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr,
-    dq_ptr, dk_ptr, dv_ptr, ddn_ptr, dsmall_ptr,
+    dq_ptr, dk_ptr, dv_ptr, ddn_ptr, dsmall_ptr, dqe_ptr,
     H, Lq, Lk, D, N, C, table_hs, small_off, idx_off, idx_n, idx_min, DN0, NDN, G,
     sk_b, sk_h, sv_b, sv_h,
     alpha, scale, seed, threshold, keep_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_IDX: tl.constexpr, NS: tl.constexpr,
     DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    BAND: tl.constexpr, SPAD: tl.constexpr, PREC: tl.constexpr,
+    BAND: tl.constexpr, SPAD: tl.constexpr, PREC: tl.constexpr, CH: tl.constexpr, LOG_BN: tl.constexpr,
 ):
     # Scratch (fp32, one region per (group, batch·head)): dk/dv [G, B·H, Lk, D],
-    # ddn [G, B·H, NDN, D] (index-table gradient by Δn - DN0), dsmall [G, B·H, SPAD, D].
+    # ddn [G, B·H, NDN, D] (index-table gradient by Δn - DN0), dsmall [G, B·H, SPAD, D],
+    # dqe [G, B·H, BM, SPAD]: d loss / d (q·E) of the current query tile, zero between tiles.
     g = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -280,6 +327,7 @@ def _cra_bwd_kernel(
     dv_base = dv_ptr + region * Lk * D
     ddn_base = ddn_ptr + region * NDN * D
     dsmall_base = dsmall_ptr + region * SPAD * D
+    dqe_base = dqe_ptr + region * BM * SPAD
     n_mtiles = tl.cdiv(Lq, BM)
     for mt in range(g, n_mtiles, G):
         offs_m = mt * BM + tl.arange(0, BM)
@@ -293,12 +341,10 @@ def _cra_bwd_kernel(
         delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=m_ok, other=0.0)
         lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
         if NS > 0:
-            qe_small, e_small = _small_products(q, table_h, small_off, N, D, offs_d, SPAD, PREC)
+            qe_small, _ = _small_products(q, table_h, small_off, N, D, offs_d, SPAD, PREC)
         else:
             qe_small = tl.zeros([BM, SPAD], dtype=tl.float32)
-            e_small = tl.zeros([SPAD, BD], dtype=tl.float32)
         dq = tl.zeros([BM, BD], tl.float32)
-        dqe_small = tl.zeros([BM, SPAD], tl.float32)
         end_n = Lk
         if CAUSAL:
             end_n = tl.minimum(Lk, a0 + BM)
@@ -336,12 +382,22 @@ def _cra_bwd_kernel(
                      _dot(tl.trans(dqe.to(q.dtype)), q, PREC), d_ok[None, :])
             for t in tl.static_range(NS):
                 row, ok = _term_rows(tp_ptr, t, coords_b, Lk, a_i, offs_n, m_ok, n_ok)
-                onehot = (row[:, :, None] == tl.arange(0, SPAD)[None, None, :]) & ok[:, :, None]
-                dqe_small += alpha * tl.sum(tl.where(onehot, ds[:, :, None], 0.0), axis=1)
+                _scatter_rows(dqe_base, ds * alpha, row, ok, m_ok, SPAD, BN, LOG_BN)
+                # the next scatter's threads may own other (m, row) pairs: make the adds visible
+                tl.debug_barrier()
+        # dq += dqe·E and dE += dqeᵀ·q in column chunks of the scratch, zeroing it for the next tile.
         if NS > 0:
-            dq += _dot(dqe_small.to(q.dtype), e_small.to(q.dtype), PREC)
-            _rmw(dsmall_base, tl.arange(0, SPAD), offs_d, D, _dot(tl.trans(dqe_small.to(q.dtype)), q, PREC),
-                 d_ok[None, :])
+            for c0 in range(0, SPAD, CH):
+                cols = c0 + tl.arange(0, CH)
+                ptr = dqe_base + tl.arange(0, BM)[:, None] * SPAD + cols[None, :]
+                dqe = tl.load(ptr)
+                tl.store(ptr, tl.zeros([BM, CH], tl.float32))
+                rows = small_off + cols
+                e = tl.load(table_h + rows[:, None] * D + offs_d[None, :],
+                            mask=(rows < N)[:, None] & d_ok[None, :], other=0.0)
+                dq += _dot(dqe.to(q.dtype), e.to(q.dtype), PREC)
+                _rmw(dsmall_base, cols, offs_d, D, _dot(tl.trans(dqe.to(q.dtype)), q, PREC), d_ok[None, :])
+            tl.debug_barrier()
         tl.store(dq_ptr + (bh * Lq + offs_m)[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=qmask)
 
@@ -485,9 +541,11 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     dv = torch.zeros(G, B * H, Lk, D, **f32)
     ddn = torch.zeros(G, B * H, p.NDN if p.has_idx else 1, D, **f32)
     dsmall = torch.zeros(G, B * H, p.SPAD if p.ns else 1, D, **f32)
+    dqe = torch.zeros(G, B * H, p.BM if p.ns else 1, p.SPAD if p.ns else 1, **f32)
     _cra_bwd_kernel[(G, B * H)](q, k, v, table, coords, p.tp, kpm_t, grad_out, lse, delta,
-                                dq, dk, dv, ddn, dsmall, **args, DN0=p.DN0, NDN=p.NDN, G=G,
-                                **_constexprs(p, causal, kpm, dropout_p, q))
+                                dq, dk, dv, ddn, dsmall, dqe, **args, DN0=p.DN0, NDN=p.NDN, G=G,
+                                **_constexprs(p, causal, kpm, dropout_p, q), CH=min(64, p.SPAD),
+                                LOG_BN=p.BN.bit_length() - 1)
     Ht = table.shape[0]
 
     def per_table(x: Tensor) -> Tensor:  # [G, B·H, R, D] -> [Ht, R, D], summed in a fixed order
