@@ -291,6 +291,13 @@ def test_auto_backend_choice():
     from fastattn.backends import select
     assert select("op", "auto", x, REASONS) == ("cpp" if HAVE_CPP else "reference")
     assert select("op", "auto", x.bfloat16(), REASONS) == "reference"
+    # the policy on top of capabilities: no interpreter, no GPU backend before it is validated
+    from fastattn.backends import UNVALIDATED_ON_GPU, auto_reason
+    can_all = {name: (lambda q: None) for name in REASONS}
+    assert "CUDA tensors only" in auto_reason("triton", x, can_all)
+    assert select("op", "auto", x, can_all) == ("cpp" if "cuda" in UNVALIDATED_ON_GPU else "cuda")
+    if "cuda" in UNVALIDATED_ON_GPU:
+        assert "backend='cuda' explicitly" in auto_reason("cuda", x, can_all)
 
 
 # --- on a GPU (skipped without one): the fused GPU backends at real sizes -----------------
