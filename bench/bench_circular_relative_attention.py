@@ -145,8 +145,8 @@ def _fastattn(backend: str):
     """Provider for ``fastattn.circular_relative_attention(backend=...)``; skips with the
     op's own capability reason when that backend cannot run the inputs."""
     def setup(cfg: Config, inp: Inputs):
-        from fastattn.ops.circular_relative_attention import explicit_reason
-        why = explicit_reason(backend, inp.q)
+        from fastattn.ops.circular_relative_attention import REASONS
+        why = REASONS[backend](inp.q)
         if why is not None:
             return Skip(why)
 

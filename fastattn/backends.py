@@ -11,6 +11,7 @@ emulator) are passed over, and Triton is never used on CPU tensors (the interpre
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, Optional
 
 import torch
@@ -59,3 +60,22 @@ def dtype_device_reason(q: torch.Tensor, devices, dtypes) -> Optional[str]:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         return f"supports dtypes {names}, got {str(q.dtype).replace('torch.', '')}"
     return None
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors (read when they are imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_reason(q: torch.Tensor, cuda_dtypes, cpu_dtypes) -> Optional[str]:
+    """Common check of the Triton backends: installed, and CUDA tensors (CPU tensors under the
+    interpreter) of the kernels' dtypes."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    if q.device.type == "cpu":
+        if not triton_interpreting():
+            return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter), set before the kernels are imported"
+        return dtype_device_reason(q, ("cpu",), cpu_dtypes)
+    return dtype_device_reason(q, ("cuda",), cuda_dtypes)

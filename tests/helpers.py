@@ -1,9 +1,13 @@
 """Shared test helpers: random problems for circular relative attention and a verbose compare."""
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 import fastattn
+from fastattn.ops import _cra_terms
 
 # (forward atol, gradient atol) per dtype, for fused-vs-reference at the same dtype.
 TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (1e-5, 1e-4)}
@@ -85,11 +89,18 @@ def make_problem(B=2, H=3, Lq=7, Lk=7, D=16, terms="all", per_head=False, dtype=
 
 
 def run(backend, q, k, v, onset, pitch, kw, leaves, seed=1, **extra):
-    """Forward and the gradients of a random linear loss w.r.t. every leaf."""
-    out = fastattn.circular_relative_attention(q, k, v, onset, pitch, backend=backend, **kw, **extra)
+    """Forward and the gradients of a random linear loss w.r.t. every leaf. ``backend``: a
+    backend name, or a function with the public op's signature (e.g. the emulated CUDA kernels)."""
+    op = backend if callable(backend) else functools.partial(fastattn.circular_relative_attention, backend=backend)
+    out = op(q, k, v, onset, pitch, **kw, **extra)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out)
     grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
     return out, [torch.zeros_like(x) if gr is None else gr for x, gr in zip(leaves, grads)]
+
+
+def grad_names(kw) -> list:
+    """Names of run()'s gradients for a make_problem() kw: dq, dk, dv, then d<table>."""
+    return ["dq", "dk", "dv"] + [f"d{n}" for n, t in kw.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def cast_problem(prob, dtype, device="cpu"):
@@ -110,23 +121,33 @@ def cast_problem(prob, dtype, device="cpu"):
 
 def lowp_compare(backend, dtype, device="cpu", floor=1e-3, **cfg):
     """The low-precision rule: the kernel's error at ``dtype`` is at most twice the error of the
-    PyTorch reference run at ``dtype``, both measured against the reference in fp64 (plus
-    ``floor`` × the largest fp64 magnitude, for outputs where the reference happens to be exact).
-    Returns {name: (kernel error, reference error)}."""
+    PyTorch reference run at ``dtype``, both measured against the fp64 reference on the same
+    (rounded) inputs, plus ``floor`` × max(1, largest fp64 magnitude) for outputs where the
+    reference happens to be exact. Returns {name: (kernel error, reference error)}."""
     extra = {k: cfg.pop(k) for k in ("causal", "combine", "alpha") if k in cfg}
-    gold_prob = make_problem(dtype=torch.float64, **cfg)
-    out64, grads64 = run("reference", *gold_prob, **extra)
-    prob = cast_problem(gold_prob, dtype, device)
+    prob = cast_problem(make_problem(dtype=torch.float64, **cfg), dtype, device)
+    out64, grads64 = run("reference", *cast_problem(prob, torch.float64), **extra)
     out_r, grads_r = run("reference", *prob, **extra)
     out_k, grads_k = run(backend, *prob, **extra)
-    names = ["out", "dq", "dk", "dv"] + [f"d{n}" for n, t in prob[5].items()
-                                         if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    names = ["out"] + grad_names(prob[5])
     errors = {}
     for name, gold, ref, got in zip(names, [out64] + grads64, [out_r] + grads_r, [out_k] + grads_k):
         gold = gold.double()
         e_ref = (ref.double().cpu() - gold).abs().max().item()
         e_k = (got.double().cpu() - gold).abs().max().item()
-        bound = 2 * e_ref + floor * gold.abs().max().item()
+        bound = 2 * e_ref + floor * max(1.0, gold.abs().max().item())
         assert e_k <= bound, f"{name}: {backend} {dtype} error {e_k:.3g} > 2 x reference error {e_ref:.3g} (+floor)"
         errors[name] = (e_k, e_ref)
     return errors
+
+
+# Defaults of the public op's term arguments, for calling _cra_terms.assemble directly.
+_TERM_DEFAULTS = {n: prm.default for n, prm in inspect.signature(fastattn.circular_relative_attention).parameters.items()
+                  if n in _cra_terms.TABLE_ARGS + ("bar", "position", "bar_res", "bar_min", "octave_min",
+                                                   "rel_index_min", "time_min", "pitch_min")}
+
+
+def assemble(q, Lk, onset, pitch, kw, combine="hadamard", time_mode="quotient"):
+    """The kernels' inputs (table, coordinate channels, term integers) for a make_problem() kw."""
+    full = {**_TERM_DEFAULTS, **{n: t for n, t in kw.items() if n in _TERM_DEFAULTS}}
+    return _cra_terms.assemble(q, Lk, onset, pitch, full, combine, kw.get("time_mode", time_mode))

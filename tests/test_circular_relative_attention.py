@@ -1,6 +1,7 @@
 """circular_relative_attention: every backend against the reference, semantics, bad input."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -16,7 +17,7 @@ import fastattn
 from fastattn import _cuda_emu, _ext
 from fastattn.ops import _cra_terms
 from fastattn.reference import relative_scores
-from helpers import TOL, assert_close, lowp_compare, make_problem, run
+from helpers import TOL, assemble, assert_close, grad_names, lowp_compare, make_problem, run
 
 HAVE_CPP = _ext.has_backend("cpp")
 needs_cpp = pytest.mark.skipif(not HAVE_CPP, reason=f"cpp backend not built: {_ext.extension_error()}")
@@ -37,8 +38,7 @@ def compare(backend, dtype, **cfg):
     out_f, grads_f = run(backend, *prob, **extra)
     fwd_tol, bwd_tol = TOL[dtype]
     assert_close("out", out_f, out_r, fwd_tol)
-    names = ["dq", "dk", "dv"] + [f"d{n}" for n, t in prob[5].items()
-                                  if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    names = grad_names(prob[5])
     for name, gf, gr in zip(names, grads_f, grads_r):
         assert_close(name, gf, gr, bwd_tol)
 
@@ -238,10 +238,7 @@ def test_triton_split_key_decoding():
     q, k, v, onset, pitch, kw, _ = make_problem(B=2, H=2, Lq=3, Lk=300, terms="all", grad=False, kpm=True)
     kpm = kw["key_padding_mask"]
     kpm[1] = True  # batch 1: no key at all
-    table_kw = {n: kw.get(n) for n in _cra_terms.TABLE_ARGS}
-    table_kw.update(bar=None, position=None, bar_res=48, bar_min=kw["bar_min"], octave_min=-11,
-                    rel_index_min=kw["rel_index_min"], time_min=0, pitch_min=-127)
-    asm = _cra_terms.assemble(q, 300, onset, pitch, table_kw, "hadamard", "quotient")
+    asm = assemble(q, 300, onset, pitch, kw)
     for dropout_p in (0.0, 0.3):
         want = fastattn.circular_relative_attention(q, k, v, onset, pitch, backend="reference",
                                                     dropout_p=dropout_p, dropout_seed=5, **kw)
@@ -306,8 +303,8 @@ HAVE_CUDA = torch.cuda.is_available()
 
 
 def _gpu_backend(name):
-    from fastattn.ops.circular_relative_attention import explicit_reason
-    why = explicit_reason(name, torch.zeros(1, device="cuda", dtype=torch.float16)) if HAVE_CUDA else "no GPU"
+    from fastattn.ops.circular_relative_attention import REASONS
+    why = REASONS[name](torch.zeros(1, device="cuda", dtype=torch.float16)) if HAVE_CUDA else "no GPU"
     return pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why)))
 
 
@@ -469,11 +466,7 @@ def test_fuzz_coordinates_never_out_of_bounds():
 @needs_cpp
 def test_opcheck():
     q, k, v, onset, pitch, kw, _ = make_problem(B=1, H=2, Lq=3, Lk=5, D=8, terms="all")
-    from fastattn.ops import _cra_terms
-    table_kw = {n: kw.get(n) for n in _cra_terms.TABLE_ARGS}
-    table_kw.update(bar=None, position=None, bar_res=48, bar_min=kw["bar_min"], octave_min=-11,
-                    rel_index_min=kw["rel_index_min"], time_min=0, pitch_min=-127)
-    asm = _cra_terms.assemble(q, 5, onset, pitch, table_kw, "hadamard", "quotient")
+    asm = assemble(q, 5, onset, pitch, kw)
     table = asm.table.detach().requires_grad_(True)
     args = (q, k, v, table, asm.coords, asm.terms, 0.5, 0.3, True, None, 0.0, 0)
     torch.library.opcheck(torch.ops.fastattn.circular_relative_attention.default, args)
@@ -503,9 +496,6 @@ def test_torch_compile_op():
 
 _EMU_WHY = _cuda_emu.available("circular_relative_attention")
 needs_emu = pytest.mark.skipif(_EMU_WHY is not None, reason=f"CUDA emulator unavailable: {_EMU_WHY}")
-_EMU_DEFAULTS = dict(rel_index_table=None, bar_table=None, pos_table=None, octave_table=None,
-                     pitch_class_table=None, time_table=None, pitch_table=None, bar=None, position=None,
-                     bar_res=48, bar_min=0, octave_min=-11, rel_index_min=0, time_min=0, pitch_min=-127)
 _A100_SMEM = 166912
 
 
@@ -537,46 +527,16 @@ def _emu_cra(q, k, v, onset=None, pitch=None, *, combine="hadamard", alpha=1.0, 
              target_blocks=256, **tables):
     """circular_relative_attention through the emulated CUDA kernels (the public function's
     table assembly, then the op pair); differentiable w.r.t. q, k, v and every table."""
-    kw = dict(_EMU_DEFAULTS)
-    kw.update(tables)
-    asm = _cra_terms.assemble(q, k.shape[2], onset, pitch, kw, combine, time_mode)
+    asm = assemble(q, k.shape[2], onset, pitch, tables, combine, time_mode)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     kpm = None if key_padding_mask is None else key_padding_mask.contiguous()
     return _EmuCRA.apply(q.contiguous(), k, v, asm.table, asm.coords, asm.terms, float(alpha), scale, bool(causal),
                          kpm, float(dropout_p), int(dropout_seed), int(max_smem), int(target_blocks))
 
 
-def _emu_run(q, k, v, onset, pitch, kw, leaves, seed=1, **extra):
-    """helpers.run for the emulated kernels: output and gradients of a random linear loss."""
-    out = _emu_cra(q, k, v, onset, pitch, **kw, **extra)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
-    grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
-    return out, [torch.zeros_like(x) if gr is None else gr for x, gr in zip(leaves, grads)]
-
-
-def _ref_run(q, k, v, onset, pitch, kw, leaves, seed=1, **extra):
-    extra = {n: x for n, x in extra.items() if n not in ("max_smem", "target_blocks")}
-    out = fastattn.circular_relative_attention(q, k, v, onset, pitch, backend="reference", **kw, **extra)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
-    grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
-    return out, [torch.zeros_like(x) if gr is None else gr for x, gr in zip(leaves, grads)]
-
-
-_EMU_EXTRA = ("causal", "combine", "alpha", "dropout_p", "dropout_seed", "max_smem", "target_blocks")
-
-
 def _emu_compare_fp32(**cfg):
     """Emulated CUDA kernels vs the reference at fp32 tolerances (forward and every gradient)."""
-    extra = {n: cfg.pop(n) for n in _EMU_EXTRA if n in cfg}
-    prob = make_problem(dtype=torch.float32, **cfg)
-    out_r, grads_r = _ref_run(*prob, **extra)
-    out_c, grads_c = _emu_run(*prob, **extra)
-    fwd_tol, bwd_tol = TOL[torch.float32]
-    assert_close("out", out_c, out_r, fwd_tol)
-    names = ["dq", "dk", "dv"] + [f"d{n}" for n, t in prob[5].items()
-                                  if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    for name, gc, gr in zip(names, grads_c, grads_r):
-        assert_close(name, gc, gr, bwd_tol)
+    compare(_emu_cra, torch.float32, **cfg)
 
 
 @needs_emu
@@ -606,8 +566,8 @@ def test_cuda_emu_head_dims(D):
 def test_cuda_emu_tile_plans(max_smem, target_blocks):
     """Smaller shared memory (BQ 16, BK 16/32), several query tiles per backward block
     (target_blocks=1: one block per (b, h)), and H100-sized tiles."""
-    _emu_compare_fp32(terms="all", B=1, H=2, Lq=70, Lk=90, D=32, kpm=True, causal=True, max_smem=max_smem,
-                      target_blocks=target_blocks)
+    compare(functools.partial(_emu_cra, max_smem=max_smem, target_blocks=target_blocks), torch.float32,
+            terms="all", B=1, H=2, Lq=70, Lk=90, D=32, kpm=True, causal=True)
 
 
 @needs_emu
@@ -615,7 +575,7 @@ def test_cuda_emu_tile_plans(max_smem, target_blocks):
 def test_cuda_emu_decode(Lq, Lk, causal):
     """Lq << Lk: key tiles split over blocks (split-K) and combined; equals the reference."""
     q, k, v, onset, pitch, kw, _ = make_problem(B=1, H=2, Lq=Lq, Lk=Lk, terms="all", kpm=True)
-    asm = _cra_terms.assemble(q, Lk, onset, pitch, {**_EMU_DEFAULTS, **kw}, "hadamard", "quotient")
+    asm = assemble(q, Lk, onset, pitch, kw)
     assert _emu().plan(q.detach(), k.detach(), v.detach(), asm.table.detach(), asm.coords, asm.terms,
                        causal)["splits"] > 1
     _emu_compare_fp32(B=1, H=2, Lq=Lq, Lk=Lk, terms="all", kpm=True, causal=causal)
@@ -638,12 +598,12 @@ def test_cuda_emu_fully_masked_rows():
     kpm[0, :] = True
     kpm[1, :7] = True
     kw["key_padding_mask"] = kpm
-    out, grads = _emu_run(q, k, v, onset, pitch, kw, leaves)
+    out, grads = run(_emu_cra, q, k, v, onset, pitch, kw, leaves)
     assert torch.isfinite(out).all()
     assert (out[0] == 0).all() and (out[1, :, :3] == 0).all() and (out[1, :, 3:] != 0).any()
     assert all(torch.isfinite(g).all() for g in grads)
     assert (grads[0][0] == 0).all() and (grads[0][1, :, :3] == 0).all()
-    out_r, grads_r = _ref_run(q, k, v, onset, pitch, kw, leaves)
+    out_r, grads_r = run("reference", q, k, v, onset, pitch, kw, leaves)
     assert_close("out", out, out_r, 1e-5)
     for i, (a, b) in enumerate(zip(grads, grads_r)):
         assert_close(f"grad {i}", a, b, 1e-4)
@@ -658,30 +618,11 @@ def test_cuda_emu_dropout_matches_cpp_and_reference(Lq, Lk):
     _emu_compare_fp32(**cfg, **extra)
     if HAVE_CPP:
         prob = make_problem(**cfg)
-        out_c, grads_c = _emu_run(*prob, **extra)
+        out_c, grads_c = run(_emu_cra, *prob, **extra)
         out_p, grads_p = run("cpp", *prob, **extra)
         assert_close("out vs cpp", out_c, out_p, 1e-5)
         for i, (a, b) in enumerate(zip(grads_c, grads_p)):
             assert_close(f"grad {i} vs cpp", a, b, 1e-4)
-
-
-def _lowp_errors(dtype, **cfg):
-    """max |kernel - fp64 reference| and max |PyTorch reference at dtype - fp64 reference| for the
-    output and each gradient (inputs rounded to dtype first, so both see the same data)."""
-    extra = {n: cfg.pop(n) for n in _EMU_EXTRA if n in cfg}
-    q, k, v, onset, pitch, kw, leaves = make_problem(dtype=dtype, **cfg)
-    out_k, grads_k = _emu_run(q, k, v, onset, pitch, kw, leaves, **extra)
-    out_t, grads_t = _ref_run(q, k, v, onset, pitch, kw, leaves, **extra)
-    up = {id(x): x.detach().double().requires_grad_(True) for x in leaves}
-    kw64 = {n: up.get(id(t), t) for n, t in kw.items()}
-    leaves64 = [up[id(x)] for x in leaves]
-    out_r, grads_r = _ref_run(*leaves64[:3], onset, pitch, kw64, leaves64, **extra)
-    rows = []
-    for name, a, b, r in zip(["out", "dq", "dk", "dv"] + [f"dtable{i}" for i in range(len(leaves) - 3)],
-                             [out_k] + grads_k, [out_t] + grads_t, [out_r] + grads_r):
-        rows.append((name, (a.double() - r).abs().max().item(), (b.double() - r).abs().max().item(),
-                     r.abs().max().item()))
-    return rows
 
 
 @needs_emu
@@ -695,9 +636,7 @@ def _lowp_errors(dtype, **cfg):
 def test_cuda_emu_low_precision(dtype, cfg):
     """fp16/bf16 (tensor-core path): the kernel's error against the fp64 reference is at most
     twice PyTorch's own error at that dtype, plus a small floor relative to the magnitude."""
-    for name, err_kernel, err_torch, mag in _lowp_errors(dtype, B=1, H=2, kpm=True, **cfg):
-        bound = 2 * err_torch + 1e-3 * max(1.0, mag)
-        assert err_kernel <= bound, f"{name}: kernel error {err_kernel:.3g} > {bound:.3g} (PyTorch {err_torch:.3g})"
+    lowp_compare(_emu_cra, dtype, B=1, H=2, kpm=True, **cfg)
 
 
 @needs_emu
@@ -705,8 +644,9 @@ def test_cuda_emu_low_precision(dtype, cfg):
 def test_cuda_emu_backward_bit_identical(dtype):
     """Deterministic reductions: two backward passes give bit-identical gradients."""
     prob = make_problem(B=1, H=2, Lq=70, Lk=70, D=16, terms="all", dtype=dtype, kpm=True)
-    _, g1 = _emu_run(*prob, target_blocks=2)
-    _, g2 = _emu_run(*prob, target_blocks=2)
+    emu = functools.partial(_emu_cra, target_blocks=2)
+    _, g1 = run(emu, *prob)
+    _, g2 = run(emu, *prob)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
 
@@ -784,7 +724,7 @@ def test_cuda_emu_views_with_storage_offsets(dtype):
     emu = _emu()
     q, k, v, onset, pitch, kw, _ = make_problem(B=2, H=2, Lq=5, Lk=21, D=32, terms="all", kpm=True, dtype=dtype,
                                                 grad=False)
-    asm = _cra_terms.assemble(q, 21, onset, pitch, {**_EMU_DEFAULTS, **kw}, "hadamard", "quotient")
+    asm = assemble(q, 21, onset, pitch, kw)
     kpm, table = kw["key_padding_mask"].contiguous(), asm.table.detach().contiguous()
     go = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
 

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fastattn.backends import triton_interpreting  # noqa: E402
 from fastattn.ops import sae as ops  # noqa: E402
 from fastattn.reference import sae as ref  # noqa: E402
 from helpers import assert_close  # noqa: E402
@@ -27,7 +28,7 @@ def _triton_ok():
         import triton  # noqa: F401
     except ImportError:
         return False
-    return ops.triton_interpreting()
+    return triton_interpreting()
 
 
 needs_triton = pytest.mark.skipif(not _triton_ok(), reason="triton missing or TRITON_INTERPRET unset")

@@ -14,23 +14,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
-typedef cudaStream_t fa_stream_t;
-#define FA_SHARED __shared__
-// One byte array for every kernel: extern __shared__ declarations of different types clash.
-// 128-byte alignment: WMMA tiles at the base need 32, and this holds after static arrays too.
-#define FA_DYNAMIC_SMEM(T, name)                                    \
-  extern __shared__ __align__(128) unsigned char fa_dynamic_smem_[]; \
-  T* name = reinterpret_cast<T*>(fa_dynamic_smem_)
-#define FA_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
-#define FA_SET_MAX_DYNAMIC_SMEM(kernel, bytes) \
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes))
-
-inline const char* fa_last_error() {
-  cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
-
-#else  // ---------------------------------------------------------------- CPU emulation
+#else  // CPU emulation: host headers and CUDA's keywords
 
 #include <cuda_bf16.h>  // host-usable: __half / __nv_bfloat16 and their conversions
 #include <cuda_fp16.h>
@@ -70,6 +54,44 @@ inline const char* fa_last_error() {
 #ifndef __align__
 #define __align__(n) alignas(n)
 #endif
+#endif
+
+// Conversions both ways, the same in a real and an emulated build.
+__host__ __device__ __forceinline__ float fa_to_float(float x) { return x; }
+__host__ __device__ __forceinline__ double fa_to_float(double x) { return x; }
+__host__ __device__ __forceinline__ float fa_to_float(__half x) { return __half2float(x); }
+__host__ __device__ __forceinline__ float fa_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__host__ __device__ __forceinline__ T fa_from_float(float x);
+template <>
+__host__ __device__ __forceinline__ float fa_from_float<float>(float x) { return x; }
+template <>
+__host__ __device__ __forceinline__ double fa_from_float<double>(float x) { return x; }
+template <>
+__host__ __device__ __forceinline__ __half fa_from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__host__ __device__ __forceinline__ __nv_bfloat16 fa_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+#if defined(__CUDACC__) && !defined(FASTATTN_CUDA_EMULATE)
+
+typedef cudaStream_t fa_stream_t;
+#define FA_SHARED __shared__
+// One byte array for every kernel: extern __shared__ declarations of different types clash.
+// 128-byte alignment: WMMA tiles at the base need 32, and this holds after static arrays too.
+#define FA_DYNAMIC_SMEM(T, name)                                    \
+  extern __shared__ __align__(128) unsigned char fa_dynamic_smem_[]; \
+  T* name = reinterpret_cast<T*>(fa_dynamic_smem_)
+#define FA_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define FA_SET_MAX_DYNAMIC_SMEM(kernel, bytes) \
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes))
+
+inline const char* fa_last_error() {
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+#else  // ---------------------------------------------------------------- CPU emulation
+
 // Blocks run one at a time, so one static instance per kernel is the block's shared memory.
 #define FA_SHARED static
 
@@ -438,9 +460,6 @@ inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, 
   collective();
 }
 
-inline float fa_emu_float(float x) { return x; }
-inline float fa_emu_float(__half x) { return __half2float(x); }
-inline float fa_emu_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // d = a·b + c with fp32 products and sums, like the tensor cores' fp32 accumulation.
 template <int M, int N, int K, typename T, typename LA, typename LB>
@@ -450,7 +469,7 @@ inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<ma
   for (int m = 0; m < M; ++m)
     for (int n = 0; n < N; ++n) {
       float s = c.x[m * N + n];
-      for (int k = 0; k < K; ++k) s += fa_emu_float(a.x[m * K + k]) * fa_emu_float(b.x[k * N + n]);
+      for (int k = 0; k < K; ++k) s += fa_to_float(a.x[m * K + k]) * fa_to_float(b.x[k * N + n]);
       out[m * N + n] = s;
     }
   std::memcpy(d.x, out, sizeof(out));
@@ -459,19 +478,3 @@ inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<ma
 }  // namespace nvcuda
 
 #endif  // FASTATTN_CUDA_EMULATE
-
-// Conversions both ways, the same in a real and an emulated build.
-__host__ __device__ __forceinline__ float fa_to_float(float x) { return x; }
-__host__ __device__ __forceinline__ double fa_to_float(double x) { return x; }
-__host__ __device__ __forceinline__ float fa_to_float(__half x) { return __half2float(x); }
-__host__ __device__ __forceinline__ float fa_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__host__ __device__ __forceinline__ T fa_from_float(float x);
-template <>
-__host__ __device__ __forceinline__ float fa_from_float<float>(float x) { return x; }
-template <>
-__host__ __device__ __forceinline__ double fa_from_float<double>(float x) { return x; }
-template <>
-__host__ __device__ __forceinline__ __half fa_from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__host__ __device__ __forceinline__ __nv_bfloat16 fa_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }

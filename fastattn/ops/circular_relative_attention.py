@@ -8,14 +8,13 @@ and the public function that validates, picks a backend, and assembles the term 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fastattn import _ext
-from fastattn.backends import dtype_device_reason, select
+from fastattn.backends import dtype_device_reason, select, triton_reason
 from fastattn.ops import _cra_terms
 from fastattn.ops._dropout import new_seed
 from fastattn.reference.circular_relative_attention import circular_relative_attention as _reference_op
@@ -100,23 +99,8 @@ def _cuda_reason(q: Tensor) -> Optional[str]:
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _triton_installed_reason() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not installed ({exc})"
-    return None
-
-
 def _triton_reason(q: Tensor) -> Optional[str]:
-    why = _triton_installed_reason()
-    if why is not None:
-        return why
-    if q.device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
-        return dtype_device_reason(q, ("cpu",), _TRITON_DTYPES)
-    return dtype_device_reason(q, ("cuda",), _TRITON_DTYPES)
+    return triton_reason(q, _TRITON_DTYPES, _TRITON_DTYPES)
 
 
 REASONS = {
@@ -125,11 +109,6 @@ REASONS = {
     "cpp": _cpp_reason,
     "reference": lambda q: None,
 }
-
-
-def explicit_reason(backend: str, q: Tensor) -> Optional[str]:
-    """Why an explicitly requested backend cannot run inputs like q (None = it can)."""
-    return REASONS[backend](q)
 
 
 def circular_relative_attention(

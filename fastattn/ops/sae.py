@@ -16,14 +16,13 @@ name only; Triton runs CPU tensors only when asked for by name under ``TRITON_IN
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from fastattn import _ext
-from fastattn.backends import dtype_device_reason, select
+from fastattn.backends import dtype_device_reason, select, triton_reason
 from fastattn.ops import _sae_glue as G
 from fastattn.reference import sae as _ref
 
@@ -130,25 +129,8 @@ def _cuda_reason(x: Tensor) -> Optional[str]:
     return dtype_device_reason(x, ("cuda",), _CUDA_DTYPES)
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _triton_import_reason() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not installed ({exc})"
-    return None
-
-
 def _triton_reason(x: Tensor) -> Optional[str]:
-    why = _triton_import_reason()
-    if why or x.device.type == "cuda":
-        return why or dtype_device_reason(x, ("cuda",), _TRITON_CUDA_DTYPES)
-    if x.device.type == "cpu" and not triton_interpreting():
-        return "CPU tensors need TRITON_INTERPRET=1 set before fastattn.triton.sae is imported"
-    return dtype_device_reason(x, ("cpu",), (torch.float32,))
+    return triton_reason(x, _TRITON_CUDA_DTYPES, (torch.float32,))
 
 
 REASONS = {"cuda": _cuda_reason, "triton": _triton_reason, "cpp": _cpp_reason, "reference": lambda x: None}

@@ -143,12 +143,17 @@ def _logits(q, k, qe_small, table_h, coords_b, tp_ptr, kpm_b, a_i, a0, j0, offs_
 
 
 @triton.jit
+def _table_rows(table_h, rows, N, D, offs_d):
+    """Table rows ``rows`` [R] as [R, BD] (rows beyond N and columns beyond D read as zero)."""
+    return tl.load(table_h + rows[:, None] * D + offs_d[None, :],
+                   mask=(rows < N)[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
 def _small_products(q, table_h, small_off, N, D, offs_d, SPAD: tl.constexpr, PREC: tl.constexpr):
-    """q·E for every small-term row: [BM, SPAD] (rows beyond N read as zero)."""
-    rows = small_off + tl.arange(0, SPAD)
-    e = tl.load(table_h + rows[:, None] * D + offs_d[None, :],
-                mask=(rows < N)[:, None] & (offs_d < D)[None, :], other=0.0)
-    return _dot(q, tl.trans(e.to(q.dtype)), PREC), e
+    """q·E for every small-term row: [BM, SPAD]."""
+    e = _table_rows(table_h, small_off + tl.arange(0, SPAD), N, D, offs_d)
+    return _dot(q, tl.trans(e.to(q.dtype)), PREC)
 
 
 @triton.jit
@@ -182,7 +187,7 @@ def _cra_fwd_kernel(
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
     if NS > 0:
-        qe_small, _ = _small_products(q, table_h, small_off, N, D, offs_d, SPAD, PREC)
+        qe_small = _small_products(q, table_h, small_off, N, D, offs_d, SPAD, PREC)
     else:
         qe_small = tl.zeros([BM, SPAD], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -341,7 +346,7 @@ def _cra_bwd_kernel(
         delta = tl.load(delta_ptr + bh * Lq + offs_m, mask=m_ok, other=0.0)
         lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
         if NS > 0:
-            qe_small, _ = _small_products(q, table_h, small_off, N, D, offs_d, SPAD, PREC)
+            qe_small = _small_products(q, table_h, small_off, N, D, offs_d, SPAD, PREC)
         else:
             qe_small = tl.zeros([BM, SPAD], dtype=tl.float32)
         dq = tl.zeros([BM, BD], tl.float32)
@@ -392,9 +397,7 @@ def _cra_bwd_kernel(
                 ptr = dqe_base + tl.arange(0, BM)[:, None] * SPAD + cols[None, :]
                 dqe = tl.load(ptr)
                 tl.store(ptr, tl.zeros([BM, CH], tl.float32))
-                rows = small_off + cols
-                e = tl.load(table_h + rows[:, None] * D + offs_d[None, :],
-                            mask=(rows < N)[:, None] & d_ok[None, :], other=0.0)
+                e = _table_rows(table_h, small_off + cols, N, D, offs_d)
                 dq += _dot(dqe.to(q.dtype), e.to(q.dtype), PREC)
                 _rmw(dsmall_base, cols, offs_d, D, _dot(tl.trans(dqe.to(q.dtype)), q, PREC), d_ok[None, :])
             tl.debug_barrier()
