@@ -20,6 +20,7 @@
 
 #include "cra_common.h"
 #include "cra_problem.h"
+#include "cra_profile.h"
 #include "gemm.h"
 
 namespace fastattn::cpu {
@@ -154,8 +155,9 @@ inline int visible_keys(const CraProblem& p, int a, int j0, int mk) {
 // Leaves each term's rows in rows[t][i][j] (BQ x BK ints per term) for the backward scatter.
 template <typename T>
 void tile_logits(const CraProblem& p, const T* Q, const T* K, const T* RS, const int32_t* cb,
-                 const bool* kpm_b, int a0, int mq, int j0, int mk, T* S, int* rows) {
+                 const bool* kpm_b, int a0, int mq, int j0, int mk, T* S, int* rows, prof::Timer& tm) {
   gemm<T>(false, true, mq, mk, p.D, T(1), Q, p.D, K + (int64_t)j0 * p.D, p.D, T(0), S, BK);
+  tm.mark(prof::QK);
   const T alpha = T(p.alpha), scale = T(p.scale), ninf = -std::numeric_limits<T>::infinity();
   for (int i = 0; i < mq; ++i) {
     T* s = S + i * BK;
@@ -182,6 +184,7 @@ void tile_logits(const CraProblem& p, const T* Q, const T* K, const T* RS, const
       s[j] = masked ? ninf : s[j] * scale;
     }
   }
+  tm.mark(prof::GATHER);
 }
 
 // d RS[i, row(i, j)] += alpha * dlogit[i, j] for every visible pair of the tile.
@@ -226,7 +229,7 @@ inline int key_end(const CraProblem& p, int a_last) { return p.causal ? a_last +
 
 template <typename T>
 void forward_block(const CraProblem& p, const Inputs<T>& in, int b, int h, int qb, T* out,
-                   T* lse, std::vector<T>& buf, std::vector<int>& rows_buf) {
+                   T* lse, std::vector<T>& buf, std::vector<int>& rows_buf, prof::Timer& tm) {
   const int i0 = qb * BQ, mq = std::min(BQ, p.Lq - i0), a0 = i0 + p.Lk - p.Lq;
   const int64_t bh = (int64_t)b * p.H + h;
   const T* Q = in.q + (bh * p.Lq + i0) * p.D;
@@ -245,11 +248,13 @@ void forward_block(const CraProblem& p, const Inputs<T>& in, int b, int h, int q
   int* rows = rows_buf.data();
   const T ninf = -std::numeric_limits<T>::infinity();
   std::fill(m, m + mq, ninf);
+  tm.mark(prof::SETUP);
   relative_products(p, Q, mq, Tb, RS, a0);
+  tm.mark(prof::QE);
   const T keep_scale = T(1.0 / (1.0 - p.dropout_p));
   for (int j0 = 0; j0 < key_end(p, a0 + mq - 1); j0 += BK) {
     const int mk = std::min(BK, p.Lk - j0);
-    tile_logits(p, Q, K, RS, cb, kpm_b, a0, mq, j0, mk, S, rows);
+    tile_logits(p, Q, K, RS, cb, kpm_b, a0, mq, j0, mk, S, rows, tm);
     for (int i = 0; i < mq; ++i) {
       T* s = S + i * BK;
       T mx = m[i];
@@ -275,7 +280,9 @@ void forward_block(const CraProblem& p, const Inputs<T>& in, int b, int h, int q
           s[j] = cra_dropout_keep(rh, (uint32_t)(j0 + j), p.threshold) ? s[j] * keep_scale : T(0);
       }
     }
+    tm.mark(prof::SOFTMAX);
     gemm<T>(false, false, mq, p.D, mk, T(1), S, BK, V + (int64_t)j0 * p.D, p.D, T(1), acc, p.D);
+    tm.mark(prof::PV);
   }
   for (int i = 0; i < mq; ++i) {
     T* o = out + (bh * p.Lq + i0 + i) * p.D;
@@ -283,6 +290,7 @@ void forward_block(const CraProblem& p, const Inputs<T>& in, int b, int h, int q
     for (int d = 0; d < p.D; ++d) o[d] = empty ? T(0) : acc[i * p.D + d] / l[i];
     lse[bh * p.Lq + i0 + i] = empty ? ninf : m[i] + std::log(l[i]);
   }
+  tm.mark(prof::SOFTMAX);
 }
 
 // Backward of query blocks [qb0, qb1) of one (batch, head), in order, accumulating into
@@ -290,7 +298,7 @@ void forward_block(const CraProblem& p, const Inputs<T>& in, int b, int h, int q
 template <typename T>
 void backward_chunk(const CraProblem& p, const Inputs<T>& in, const T* dout, const T* out,
                     const T* lse, int b, int h, int qb0, int qb1, T* dq, T* dK, T* dV, T* dT,
-                    std::vector<T>& buf, std::vector<int>& rows_buf) {
+                    std::vector<T>& buf, std::vector<int>& rows_buf, prof::Timer& tm) {
   const int64_t bh = (int64_t)b * p.H + h;
   const T* K = in.keys(b, h);
   const T* V = in.values(b, h);
@@ -325,11 +333,14 @@ void backward_chunk(const CraProblem& p, const Inputs<T>& in, const T* dout, con
       for (int d = 0; d < p.D; ++d) s += dO[i * p.D + d] * O[i * p.D + d];
       delta[i] = s;
     }
+    tm.mark(prof::SETUP);
     relative_products(p, Q, mq, Tb, RS, a0);
+    tm.mark(prof::QE);
     for (int j0 = 0; j0 < key_end(p, a0 + mq - 1); j0 += BK) {
       const int mk = std::min(BK, p.Lk - j0);
-      tile_logits(p, Q, K, RS, cb, kpm_b, a0, mq, j0, mk, S, rows);
+      tile_logits(p, Q, K, RS, cb, kpm_b, a0, mq, j0, mk, S, rows, tm);
       gemm<T>(false, true, mq, mk, p.D, T(1), dO, p.D, V + (int64_t)j0 * p.D, p.D, T(0), dP, BK);
+      tm.mark(prof::DP);
       for (int i = 0; i < mq; ++i) {
         T *s = S + i * BK, *dp = dP + i * BK;
         const T li = L[i], di = delta[i];
@@ -356,12 +367,18 @@ void backward_chunk(const CraProblem& p, const Inputs<T>& in, const T* dout, con
           dp[j] = scale * prob * (dp[j] - di);
         }
       }
+      tm.mark(prof::DSOFTMAX);
       gemm<T>(true, false, mk, p.D, mq, T(1), S, BK, dO, p.D, T(1), dV + (int64_t)j0 * p.D, p.D);
+      tm.mark(prof::DV);
       gemm<T>(false, false, mq, p.D, mk, T(1), dP, BK, K + (int64_t)j0 * p.D, p.D, T(1), dQ, p.D);
+      tm.mark(prof::DQ);
       gemm<T>(true, false, mk, p.D, mq, T(1), dP, BK, Q, p.D, T(1), dK + (int64_t)j0 * p.D, p.D);
+      tm.mark(prof::DK);
       tile_scatter(p, dP, rows, a0, mq, j0, mk, dRS);
+      tm.mark(prof::SCATTER);
     }
     relative_grads(p, Q, mq, Tb, dRS, dQ, dTb, a0);
+    tm.mark(prof::QE_GRAD);
   }
 }
 
@@ -387,11 +404,12 @@ std::tuple<at::Tensor, at::Tensor> cra_forward_cpu(
     const auto in = inputs_of<scalar_t>(q, k, v, table, coords, kpm);
     scalar_t *o = out.data_ptr<scalar_t>(), *l = lse.data_ptr<scalar_t>();
     at::parallel_for(0, (int64_t)p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
+      prof::Timer tm(at::get_thread_num());
       std::vector<scalar_t> buf;
       std::vector<int> rows;
       for (int64_t task = begin; task < end; ++task) {
         const int qb = task % nqb, bh = task / nqb;
-        forward_block<scalar_t>(p, in, bh / p.H, bh % p.H, qb, o, l, buf, rows);
+        forward_block<scalar_t>(p, in, bh / p.H, bh % p.H, qb, o, l, buf, rows, tm);
       }
     });
   });
@@ -426,6 +444,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cra_backward_cpu(
     scalar_t *part = partial.data_ptr<scalar_t>(), *kvp = kv_partial.data_ptr<scalar_t>();
     const int64_t kv_size = (int64_t)p.Lk * p.D, kvp_stride = (nchunk - 1) * BH * kv_size;
     at::parallel_for(0, BH * nchunk, 1, [&](int64_t begin, int64_t end) {
+      prof::Timer tm(at::get_thread_num());
       std::vector<scalar_t> buf;
       std::vector<int> rows;
       const int tid = at::get_thread_num();
@@ -440,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cra_backward_cpu(
           dV = dK + kvp_stride;
         }
         backward_chunk<scalar_t>(p, in, dO, O, L, bh / p.H, bh % p.H, c * nqb / nchunk,
-                                 (c + 1) * nqb / nchunk, dq.data_ptr<scalar_t>(), dK, dV, dT, buf, rows);
+                                 (c + 1) * nqb / nchunk, dq.data_ptr<scalar_t>(), dK, dV, dT, buf, rows, tm);
       }
     });
   });
@@ -452,6 +471,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cra_backward_cpu(
 }
 
 }  // namespace
+
+std::tuple<std::vector<double>, std::vector<std::string>> cra_cpu_profile(bool enable) {
+  std::vector<std::string> names;
+  for (int ph = 0; ph < prof::N_PHASES; ++ph) names.push_back(prof::phase_name(ph));
+  return {prof::read_and_reset(enable), names};
+}
+
+TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+  // Per-phase CPU seconds of the cpp attention kernels (summed over threads) since the last
+  // call, and the phase names; then profiling is switched on or off.
+  m.def("cra_cpu_profile(bool enable) -> (float[], str[])", &cra_cpu_profile);
+}
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("circular_relative_attention", &cra_forward_cpu);
