@@ -12,13 +12,14 @@ Conventions used throughout:
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from fastattn.backends import BACKENDS
-from fastattn.ops.circular_relative_attention import circular_relative_attention
+from fastattn.ops import _cra_terms
+from fastattn.ops.circular_relative_attention import cached_decode, circular_relative_attention
 
 __all__ = ["CircularRelativeAttention", "KVCache", "VARIANTS", "variant_kwargs", "sinusoidal_table"]
 
@@ -54,6 +55,9 @@ VARIANTS: Dict[str, dict] = {
     "CirRelAttn-H": dict(rel_index=True, rel_time=True, rel_pitch=True, decompose=True,
                          combine="hadamard"),
 }
+
+# Integer options of the op that the table layout depends on.
+_TERM_INT_OPTIONS = ("bar_res", "bar_min", "octave_min", "rel_index_min", "time_min", "pitch_min")
 
 _TABLE_NAMES = ("rel_index_table", "bar_table", "pos_table", "octave_table",
                 "pitch_class_table", "time_table", "pitch_table")
@@ -120,6 +124,9 @@ class KVCache:
                                                      "key_padding_mask": None}
         # Which coordinates the current sequence carries (decided by the first append).
         self._has: Dict[str, bool] = {}
+        # Per-token int32 channels derived from the coordinates (see derived()):
+        # key -> [buffer [B, C, capacity], tokens converted so far].
+        self._derived: Dict[object, list] = {}
         if device is not None or dtype is not None:
             self._allocate(torch.device(device) if device is not None else torch.device("cpu"),
                            dtype if dtype is not None else torch.get_default_dtype())
@@ -149,6 +156,8 @@ class KVCache:
         self._k, self._v = regrow(self._k, 2), regrow(self._v, 2)
         for name, t in self._coords.items():
             self._coords[name] = regrow(t, 1)
+        for entry in self._derived.values():
+            entry[0] = regrow(entry[0], 2)
         self._capacity = new_cap
 
     def _coord_buffer(self, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -227,6 +236,39 @@ class KVCache:
         """Forget every token (storage is kept for reuse)."""
         self._len = 0
         self._has = {}
+        for entry in self._derived.values():
+            entry[1] = 0
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens and forget the rest (storage is kept), e.g. to undo a
+        speculative or timed decoding step."""
+        if not 0 <= n <= self._len:
+            raise ValueError(f"truncate: n must be in [0, {self._len}], got {n}")
+        if n == 0:
+            self.reset()
+            return
+        self._len = n
+        for entry in self._derived.values():
+            entry[1] = min(entry[1], n)
+
+    def derived(self, key, fn: Callable[[Dict[str, Tensor], int], Tensor]) -> Tensor:
+        """Per-token int32 channels [B, C, Lk] computed by ``fn`` from the cached coordinates,
+        kept with the cache and extended as tokens are appended: each token is converted once
+        (a decoding step converts the new token, not the whole cache). ``fn(coords, n)``
+        receives name -> [B, n] for the n tokens not converted yet (every coordinate the cache
+        holds) and returns [B, C, n]; ``key`` names the conversion (one buffer per key).
+        Returns a strided view of the buffer (row stride = capacity)."""
+        entry = self._derived.get(key)
+        done = 0 if entry is None else entry[1]
+        if entry is None or done < self._len:
+            coords = {name: t[:, done:self._len] for name, t in self._coords.items()
+                      if name != "key_padding_mask" and self._has.get(name)}
+            new = fn(coords, self._len - done)
+            if entry is None:
+                entry = self._derived[key] = [new.new_empty(self.batch_size, new.shape[1], self._capacity), 0]
+            entry[0][:, :, done:self._len].copy_(new)
+            entry[1] = self._len
+        return entry[0][:, :, :self._len]
 
     def __len__(self) -> int:
         return self._len
@@ -460,6 +502,7 @@ class CircularRelativeAttention(nn.Module):
         pitch = self._coordinate("pitch", pitch, "rel_pitch" if self.rel_pitch else "", B, L)
 
         H, D = self.num_heads, self.head_dim
+        out = None
         # [B, L, 3E] -> three [B, H, L, D] views.
         q, k, v = self.in_proj(x).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         if kv_cache is not None:
@@ -467,6 +510,7 @@ class CircularRelativeAttention(nn.Module):
                 raise ValueError(f"kv_cache is for B={kv_cache.batch_size}, H={kv_cache.num_heads},"
                                  f" D={kv_cache.head_dim}; this call has B={B}, H={H}, D={D}")
             kv_cache.append(k, v, onset=onset, pitch=pitch, key_padding_mask=key_padding_mask)
+            out = self._decode_step(q, onset, pitch, key_padding_mask, kv_cache)
             k, v = kv_cache.k, kv_cache.v
             onset, pitch = kv_cache.onset, kv_cache.pitch
             key_padding_mask = kv_cache.key_padding_mask
@@ -474,15 +518,37 @@ class CircularRelativeAttention(nn.Module):
             # The cache hands out strided views; give the op a dense mask (kernels read it flat).
             key_padding_mask = key_padding_mask.contiguous()
 
-        out = circular_relative_attention(
-            q, k, v, onset, pitch, **self.relative_tables(q.dtype),
-            bar_res=self.bar_res, bar_min=BAR_MIN, octave_min=OCTAVE_MIN,
-            rel_index_min=REL_INDEX_MIN, time_min=TIME_MIN, pitch_min=PITCH_MIN,
-            combine=self.combine, alpha=self.alpha, causal=self.causal,
-            key_padding_mask=key_padding_mask,
-            dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        if out is None:
+            out = circular_relative_attention(
+                q, k, v, onset, pitch, **self.relative_tables(q.dtype), **self._term_options(),
+                key_padding_mask=key_padding_mask,
+                dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))  # [B, L, E]
         return out if self.batch_first else out.transpose(0, 1)
+
+    def _term_options(self) -> dict:
+        """The op's keyword arguments besides tables, mask, dropout and backend."""
+        return dict(bar_res=self.bar_res, bar_min=BAR_MIN, octave_min=OCTAVE_MIN,
+                    rel_index_min=REL_INDEX_MIN, time_min=TIME_MIN, pitch_min=PITCH_MIN,
+                    combine=self.combine, alpha=self.alpha, causal=self.causal)
+
+    def _decode_step(self, q: Tensor, onset: Optional[Tensor], pitch: Optional[Tensor],
+                     key_padding_mask: Optional[Tensor], kv_cache: KVCache) -> Optional[Tensor]:
+        """Attention of the new tokens' q [B, H, L, D] over ``kv_cache`` (already appended to) by
+        the cpp decoding path (``ops.circular_relative_attention.cached_decode``), or None where
+        it does not apply. The tables after their linear maps are kept while the parameters hold
+        the same values, so a step computes no map."""
+        if self.training and self.dropout > 0:
+            return None
+        params = [getattr(self, n) for n in self._table_names] + [m.weight for m in self.table_maps.values()]
+        key = ("nn.CircularRelativeAttention.relative_tables", self.linear, q.dtype, q.device,
+               tuple(self._table_names))
+        tables = _cra_terms.cached(key, params, lambda: self.relative_tables(q.dtype))
+        kw = {**dict.fromkeys(_cra_terms.TABLE_ARGS), **tables, "bar": None, "position": None,
+              **{n: v for n, v in self._term_options().items() if n in _TERM_INT_OPTIONS}}
+        return cached_decode(q, kv_cache, {"onset": onset, "pitch": pitch}, kw, combine=self.combine,
+                             time_mode="quotient", alpha=self.alpha, causal=self.causal,
+                             key_padding_mask=key_padding_mask, backend=self.backend)
 
     def extra_repr(self) -> str:
         terms = [n for n, on in (("index", self.rel_index), ("time", self.rel_time),
