@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Per-phase CPU profile of the cpp circular relative attention kernels (forward + backward).
+
+    python bench/profile_circular_relative_attention.py                     # L = 1024 2048, 1 thread
+    python bench/profile_circular_relative_attention.py --label after --out bench/results/cra_profile.csv
+
+Runs forward+backward of the benchmark's configuration (B=2, H=8, D=32, causal, index + time +
+pitch, Hadamard, paper tables; bench_circular_relative_attention.make_inputs) with the kernels'
+phase timers on (``torch.ops.fastattn.cra_cpu_profile``) and reports each phase's CPU time per
+call, summed over threads: thread CPU time, not wall time, so the profile holds on a shared
+machine. Rows: q·E products (qE), QKᵀ (qk), relative-score gathers and masking (gather), online
+softmax (softmax), P·V (pv), and in the backward dP, the softmax gradient, the dV/dQ/dK GEMMs, the
+dS scatter (scatter), the q·E gradients (qE_grad) and partial sums (merge). "total" is the
+process CPU time of the call (including Python and autograd), "sdpa" the same for
+F.scaled_dot_product_attention without relative terms.
+
+To profile another build (e.g. the commit before an optimisation), point ``--checkout`` at a
+built checkout; rows carry --label and that checkout's commit when it has one.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS = ("label", "commit", "date", "device", "threads", "load1", "time_mode", "B", "H", "L", "D", "phase", "ms")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--L", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--time-modes", nargs="+", choices=("quotient", "fields"), default=["quotient", "fields"])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
+    p.add_argument("--repeats", type=int, default=3, help="profiled calls per configuration")
+    p.add_argument("--checkout", type=Path, default=REPO, help="built fastattn checkout to profile")
+    p.add_argument("--label", default="", help="free text stored with the rows (e.g. before/after)")
+    p.add_argument("--out", type=Path, default=None, help="CSV to append rows to")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sys.path.insert(0, str(args.checkout))
+    sys.path.insert(1, str(REPO / "bench"))
+    import torch
+    import torch.nn.functional as F
+
+    import fastattn
+    from bench_circular_relative_attention import OPTIONS, Config, device_name, make_inputs
+
+    torch.set_num_threads(args.threads)
+    profile = torch.ops.fastattn.cra_cpu_profile
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.checkout, text=True,
+                                capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    meta = dict(label=args.label, commit=commit,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=device_name("cpu"), threads=args.threads, load1=f"{os.getloadavg()[0]:.1f}")
+    print(f"fastattn from {Path(fastattn.__file__).parent}; {meta}")
+    rows = []
+    for L in args.L:
+        for mode in args.time_modes:
+            cfg = Config("cpp", "fwd_bwd", B=2, H=8, Lq=L, Lk=L, D=32)
+            inp = make_inputs(cfg, requires_grad=True)
+            tables, opts = dict(inp.tables), dict(OPTIONS)
+            if mode == "fields":  # the authors' convention: per-token bar and position
+                opts.update(time_mode="fields", bar=inp.onset // OPTIONS["bar_res"],
+                            position=inp.onset % OPTIONS["bar_res"])
+                tables["pos_table"] = torch.randn(2 * OPTIONS["bar_res"] - 1, cfg.D, requires_grad=True)
+            grad = torch.randn(cfg.B, cfg.H, L, cfg.D)
+
+            def cpp():
+                fastattn.circular_relative_attention(inp.q, inp.k, inp.v, inp.onset, inp.pitch, backend="cpp",
+                                                     **tables, **opts).backward(grad)
+
+            def sdpa():
+                F.scaled_dot_product_attention(inp.q, inp.k, inp.v, is_causal=True).backward(grad)
+
+            cpp(), sdpa()
+            totals, sdpas = [], []
+            profile(True)
+            for _ in range(args.repeats):
+                t0 = time.process_time()
+                cpp()
+                totals.append(time.process_time() - t0)
+            secs, names = profile(False)
+            for _ in range(args.repeats):
+                t0 = time.process_time()
+                sdpa()
+                sdpas.append(time.process_time() - t0)
+            phases = {n: s / args.repeats * 1e3 for n, s in zip(names, secs) if s > 0}
+            phases["kernel sum"] = sum(phases.values())
+            phases["total"] = statistics.median(totals) * 1e3
+            phases["sdpa"] = statistics.median(sdpas) * 1e3
+            print(f"\nL={L} time_mode={mode} (ms of CPU per forward+backward, {args.threads} thread(s))")
+            for name, ms in phases.items():
+                print(f"  {name:<11}{ms:9.2f}")
+                rows.append({**meta, "time_mode": mode, "B": cfg.B, "H": cfg.H, "L": L, "D": cfg.D,
+                             "phase": name, "ms": f"{ms:.3f}"})
+    if args.out:
+        new = not args.out.exists()
+        with open(args.out, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+        print(f"\n{len(rows)} rows appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
