@@ -218,8 +218,11 @@ def test_op_level_table_cache():
     n = len(_cra_terms._TABLE_CACHE)
     f().sum().backward()
     assert len(_cra_terms._TABLE_CACHE) == n and kw["bar_table"].grad is not None
-    no_tables = make_problem(Lq=2, Lk=5, terms="none", grad=False, dtype=torch.float64)
-    assert fastattn.circular_relative_attention(*no_tables[:5], backend="cpp").dtype == torch.float64
+    for D, dtype in ((16, torch.float64), (8, torch.float64), (8, torch.float32)):  # no table: keyed on D, dtype
+        no_tables = make_problem(Lq=2, Lk=5, D=D, terms="none", grad=False, dtype=dtype)
+        with torch.no_grad():
+            got = fastattn.circular_relative_attention(*no_tables[:5], backend="cpp")
+        assert got.dtype == dtype and got.shape[-1] == D
 
 
 def test_kv_cache_derived_channels():

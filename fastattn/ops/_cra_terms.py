@@ -444,7 +444,7 @@ def tables(lay: Layout, q: Tensor, transposed: bool = False, on_build: Optional[
         if on_build is not None:
             on_build()
         return {"table": build_table(lay, q)}
-    key = lay.key + (q.dtype, q.device)
+    key = lay.key + (q.dtype, q.device, q.shape[-1])  # D matters when there is no table at all
     value = cached(key, lay.sources, build)
     if transposed and "table_t" not in value:
         value["table_t"] = value["table"].transpose(1, 2).contiguous()
