@@ -20,7 +20,6 @@ The load average before the run is stored with the rows: on a machine that is al
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import statistics
@@ -35,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_circular_relative_attention import (Config, DECODE_STEPS, device_name, make_inputs,  # noqa: E402
-                                               versions)
+from bench_circular_relative_attention import (Config, DECODE_STEPS, append_rows, device_name,  # noqa: E402
+                                               make_inputs, versions)
 
 COLUMNS = ("workload", "provider", "state", "ms", "p20", "p80", "slowdown", "threads", "device", "load1",
            "commit", "date")
@@ -143,13 +142,7 @@ def main(argv=None):
                          **{k: meta[k] for k in ("threads", "device", "load1", "commit", "date")}})
         print(f"{key[0]:<7}{key[1]:<6} idle {med['idle']:9.3f} ms   busy {med['busy']:9.3f} ms   "
               f"slowdown {med['busy'] / med['idle']:.2f}x")
-    new = not args.out.exists()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(args.out, rows, COLUMNS)
     print(f"{len(rows)} rows appended to {args.out}")
 
 

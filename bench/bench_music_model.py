@@ -20,7 +20,6 @@ Rows are appended to --out with the device, thread count, load average, commit a
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import statistics
@@ -40,7 +39,7 @@ from fastattn.music.model import ModelConfig, MusicTransformer, loss_from_parts 
 from fastattn.nn import VARIANTS  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from bench_circular_relative_attention import device_name, versions  # noqa: E402
+from bench_circular_relative_attention import append_rows, device_name, versions  # noqa: E402
 
 COLUMNS = ("variant", "what", "layers", "width", "heads", "batch", "notes", "value", "unit", "ms",
            "device", "threads", "load1", "commit", "date")
@@ -196,13 +195,7 @@ def main(argv=None):
     if ref:
         print("\ntraining step relative to " + (SDPA if SDPA in base else "Attn") + ": " +
               ", ".join(f"{v} {ms / ref:.2f}x" for v, ms in base.items()))
-    new = not args.out.exists()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(args.out, rows, COLUMNS)
     print(f"{len(rows)} rows appended to {args.out}")
 
 

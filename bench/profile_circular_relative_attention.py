@@ -2,7 +2,8 @@
 """Per-phase CPU profile of the cpp circular relative attention kernels (forward + backward).
 
     python bench/profile_circular_relative_attention.py                     # L = 1024 2048, 1 thread
-    python bench/profile_circular_relative_attention.py --label after --out bench/results/cra_profile.csv
+    python bench/profile_circular_relative_attention.py --label after --out bench/results/profile_circular_relative_attention.csv
+    python bench/profile_circular_relative_attention.py --report bench/results/profile_circular_relative_attention.csv
 
 Runs forward+backward of the benchmark's configuration (B=2, H=8, D=32, causal, index + time +
 pitch, Hadamard, paper tables; bench_circular_relative_attention.make_inputs) with the kernels'
@@ -42,18 +43,45 @@ def parse_args(argv=None):
     p.add_argument("--checkout", type=Path, default=REPO, help="built fastattn checkout to profile")
     p.add_argument("--label", default="", help="free text stored with the rows (e.g. before/after)")
     p.add_argument("--out", type=Path, default=None, help="CSV to append rows to")
+    p.add_argument("--report", type=Path, default=None,
+                   help="print a markdown table of the rows in this CSV (one column per label, L and "
+                        "time mode; the last row per key) instead of profiling")
     return p.parse_args(argv)
+
+
+def report(path: Path) -> str:
+    """Markdown table: phase rows, one column per (label, L, time mode) of the CSV's rows."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols, cells, phases = [], {}, []
+    for r in rows:
+        col = (r["label"], int(r["L"]), r["time_mode"])
+        if col not in cols:
+            cols.append(col)
+        if r["phase"] not in phases:
+            phases.append(r["phase"])
+        cells[(col, r["phase"])] = float(r["ms"])
+    order = {c: i for i, c in enumerate(cols)}
+    cols.sort(key=lambda c: (c[1], c[2] != "quotient", order[c]))
+    lines = ["| phase | " + " | ".join(f"{lab}, L={L}, {tm}" for lab, L, tm in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for ph in phases:
+        lines.append(f"| {ph} | " + " | ".join(f"{cells[(c, ph)]:.1f}" if (c, ph) in cells else "" for c in cols) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report:
+        print(report(args.report))
+        return
     sys.path.insert(0, str(args.checkout))
     sys.path.insert(1, str(REPO / "bench"))
     import torch
     import torch.nn.functional as F
 
     import fastattn
-    from bench_circular_relative_attention import OPTIONS, Config, device_name, make_inputs
+    from bench_circular_relative_attention import OPTIONS, Config, append_rows, device_name, make_inputs
 
     torch.set_num_threads(args.threads)
     profile = torch.ops.fastattn.cra_cpu_profile
@@ -107,12 +135,7 @@ def main(argv=None):
                 rows.append({**meta, "time_mode": mode, "B": cfg.B, "H": cfg.H, "L": L, "D": cfg.D,
                              "phase": name, "ms": f"{ms:.3f}"})
     if args.out:
-        new = not args.out.exists()
-        with open(args.out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_rows(args.out, rows, COLUMNS)
         print(f"\n{len(rows)} rows appended to {args.out}")
 
 
