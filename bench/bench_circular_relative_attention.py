@@ -26,8 +26,9 @@ the assembled table reused, one kernel call); the others run their op on the cac
 --time-modes fields adds rows for the authors' convention (per-token bar and position,
 pos_table of 2·bar_res − 1 rows) beside the default quotient mode (materialized: quotient only).
 
-Timing: CPU wall clock (torch threads untouched), --warmup runs then up to --repeats runs (fewer
-when --max-seconds runs out, at least 3), median; CUDA ``triton.testing.do_bench`` quantiles
+Timing: CPU wall clock (torch threads untouched; --clock cpu: the process's CPU time instead, for
+single-thread runs on a machine shared with other work, where wall time measures the others),
+--warmup runs then up to --repeats runs (fewer when --max-seconds runs out, at least 3), median; CUDA ``triton.testing.do_bench`` quantiles
 [0.5, 0.2, 0.8]. Peak memory: on CPU every (provider, mode, shape) runs in a fresh subprocess,
 which primes torch on a tiny problem, creates the inputs, resets the kernel's peak-RSS mark
 (``/proc/self/clear_refs``) and reports how far the peak RSS (VmHWM) rises above the RSS of that
@@ -71,7 +72,7 @@ _REF = importlib.import_module("fastattn.reference.circular_relative_attention")
 OP = "circular_relative_attention"
 MODES = ("fwd", "bwd", "fwd_bwd", "decode")
 CSV_COLUMNS = ("op", "provider", "mode", "time_mode", "B", "H", "Lq", "Lk", "D", "dtype", "ms",
-               "peak_mem_mb", "device", "threads", "load1", "torch", "triton", "commit", "date")
+               "peak_mem_mb", "device", "threads", "load1", "clock", "torch", "triton", "commit", "date")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 # Correctness check against the fp64 reference: (forward, backward) tolerance, used as both
@@ -473,7 +474,7 @@ def _runner(mode: str, fwd, bwd, inp: Inputs):
     return first, fwd_bwd
 
 
-def measure(cfg: Config, repeats: int, warmup: int, max_seconds: float) -> dict:
+def measure(cfg: Config, repeats: int, warmup: int, max_seconds: float, clock: str = "wall") -> dict:
     """Time and peak memory of one (provider, mode, shape); {'skip': reason} if it cannot run."""
     needs_grad = cfg.mode in ("bwd", "fwd_bwd")
     # Prime torch and the provider's code paths on a tiny problem so that one-off
@@ -520,10 +521,11 @@ def measure(cfg: Config, repeats: int, warmup: int, max_seconds: float) -> dict:
         again()
     times = []
     start = time.perf_counter()
+    now = time.process_time if clock == "cpu" else time.perf_counter
     while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < max_seconds):
-        t0 = time.perf_counter()
+        t0 = now()
         again()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((now() - t0) * 1e3)
     q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
     return {"ms": statistics.median(times), "p20": q[0], "p80": q[3], "peak_mem_mb": peak_mb,
             "runs": len(times)}
@@ -532,7 +534,7 @@ def measure(cfg: Config, repeats: int, warmup: int, max_seconds: float) -> dict:
 def measure_in_subprocess(cfg: Config, args) -> dict:
     """measure() in a fresh interpreter, so that its peak RSS is this measurement's alone."""
     spec = json.dumps({"cfg": asdict(cfg), "repeats": args.repeats, "warmup": args.warmup,
-                       "max_seconds": args.max_seconds})
+                       "max_seconds": args.max_seconds, "clock": args.clock})
     try:
         proc = subprocess.run([sys.executable, __file__, "--single", spec], capture_output=True,
                               text=True, timeout=args.timeout)
@@ -548,7 +550,7 @@ def measure_in_subprocess(cfg: Config, args) -> dict:
 def run_single(spec: str) -> None:
     s = json.loads(spec)
     try:
-        res = measure(Config(**s["cfg"]), s["repeats"], s["warmup"], s["max_seconds"])
+        res = measure(Config(**s["cfg"]), s["repeats"], s["warmup"], s["max_seconds"], s.get("clock", "wall"))
     except Exception as exc:
         res = {"skip": f"raised {type(exc).__name__}: {exc}"}
     print("RESULT " + json.dumps(res), flush=True)
@@ -659,6 +661,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--repeats", type=int, default=10, help="timed runs on CPU (at least 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs on CPU")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="CPU timing: wall clock, or the process's CPU time (steadier for one thread on a busy machine)")
     p.add_argument("--max-seconds", type=float, default=30.0,
                    help="stop a CPU measurement's repeats after this long (3 runs at least)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement subprocess")
@@ -733,7 +737,7 @@ def main(argv=None) -> None:
                 res = {"skip": f"Lq={Lq} > max L {max_l[provider]} for {provider}"}
             elif in_process:
                 try:
-                    res = measure(cfg, args.repeats, args.warmup, args.max_seconds)
+                    res = measure(cfg, args.repeats, args.warmup, args.max_seconds, args.clock)
                 except torch.cuda.OutOfMemoryError:
                     res = {"skip": "out of memory"}
                 finally:
@@ -751,7 +755,7 @@ def main(argv=None) -> None:
                     "op": OP, "provider": provider, "mode": mode, "time_mode": time_mode, "B": cfg.B,
                     "H": cfg.H, "Lq": Lq, "Lk": Lk, "D": cfg.D, "dtype": cfg.dtype, "ms": f"{res['ms']:.4f}",
                     "peak_mem_mb": f"{res['peak_mem_mb']:.1f}", "device": meta["device"],
-                    "threads": meta["threads"], "load1": meta["load1"], "torch": meta["torch"],
+                    "threads": meta["threads"], "load1": meta["load1"], "clock": args.clock, "torch": meta["torch"],
                     "triton": meta["triton"], "commit": meta["commit"], "date": date}])
                 written += 1
     print_table(results)
