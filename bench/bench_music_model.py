@@ -15,7 +15,8 @@ Rows per variant (Attn, RelAttn, RIPO, CirRelAttn, CirRelAttn-H through fastattn
 - generate: --gen-notes new notes after a --gen-prompt note prompt, one note per forward (greedy
   over each field's logits), with the per-layer KV cache and without it (every step re-runs the
   whole sequence); notes/s for both.
-Rows are appended to --out with the device, thread count, load average, commit and date.
+Rows are appended to --out with the device, thread count, load average, clock, commit and date
+(--clock cpu: process CPU time instead of wall time, for single-thread runs on a shared machine).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_circular_relative_attention import append_rows, device_name, versions  # noqa: E402
 
 COLUMNS = ("variant", "what", "layers", "width", "heads", "batch", "notes", "value", "unit", "ms",
-           "device", "threads", "load1", "commit", "date")
+           "device", "threads", "load1", "clock", "commit", "date")
 SDPA = "Attn-sdpa"
 
 
@@ -96,6 +97,10 @@ def random_notes(B: int, L: int, seed: int = 0):
     return tok, onset, pitch
 
 
+def now(args) -> float:
+    return time.process_time() if args.clock == "cpu" else time.perf_counter()
+
+
 def time_training(model, args) -> list:
     tok, onset, pitch = random_notes(args.batch, args.notes + 1)
     x, y = tok[:, :-1], tok[:, 1:]
@@ -112,9 +117,9 @@ def time_training(model, args) -> list:
         step()
     times = []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0 = now(args)
         step()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((now(args) - t0) * 1e3)
     return times
 
 
@@ -129,7 +134,7 @@ def time_generation(model, args, use_cache: bool) -> float:
     t0 = None
     for i in range(args.gen_notes + 1):
         if i == 1:
-            t0 = time.perf_counter()  # the prompt pass is not a generated note
+            t0 = now(args)  # the prompt pass is not a generated note
         x, on, pi = torch.cat(toks, 1), torch.cat(ons, 1), torch.cat(pis, 1)
         if use_cache:
             x, on, pi = x[:, fed:], on[:, fed:], pi[:, fed:]
@@ -143,7 +148,7 @@ def time_generation(model, args, use_cache: bool) -> float:
         toks.append(nxt)
         ons.append(torch.tensor([[new_on]]))
         pis.append(nxt[..., 4].clone())
-    return args.gen_notes / (time.perf_counter() - t0)
+    return args.gen_notes / (now(args) - t0)
 
 
 def main(argv=None):
@@ -160,6 +165,7 @@ def main(argv=None):
     p.add_argument("--gen-notes", type=int, default=64)
     p.add_argument("--no-uncached", action="store_true", help="skip generation without the KV cache")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 step, 8 generated notes")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "music_model.csv")
     args = p.parse_args(argv)
@@ -179,7 +185,7 @@ def main(argv=None):
         ms = statistics.median(times)
         gen = time_generation(model, args, True)
         row = {**shape, "variant": variant, "device": meta["device"], "threads": meta["threads"],
-               "load1": meta["load1"], "commit": meta["commit"], "date": meta["date"]}
+               "load1": meta["load1"], "clock": args.clock, "commit": meta["commit"], "date": meta["date"]}
         rows.append({**row, "what": "train", "value": f"{1e3 / ms:.3f}", "unit": "steps/s", "ms": f"{ms:.1f}"})
         rows.append({**row, "what": "generate_cached", "value": f"{gen:.2f}", "unit": "notes/s",
                      "ms": f"{1e3 / gen:.2f}"})
