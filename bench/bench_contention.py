@@ -70,7 +70,8 @@ def decode_workloads(args):
 def train_workloads(args):
     from bench_music_model import SDPA, build, random_notes
     from fastattn.music.model import loss_from_parts
-    shape = argparse.Namespace(layers=2, width=128, heads=4, notes=args.train_notes, gen_prompt=1, gen_notes=1)
+    shape = argparse.Namespace(layers=2, width=128, heads=4, notes=args.train_notes, gen_prompt=1, gen_notes=1,
+                               dropout=0.1)
     tok, onset, pitch = random_notes(8, args.train_notes + 1)
     out = {}
     for variant, provider in (("CirRelAttn-H", "cpp"), (SDPA, "sdpa")):

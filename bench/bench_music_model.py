@@ -5,7 +5,7 @@ per second for each attention variant, beside vanilla attention in the same mode
     python bench/bench_music_model.py                                  # 4 x 256, batch 8, 1024 notes
     python bench/bench_music_model.py --layers 2 --width 128 --heads 4 --notes 256 --quick
 
-Model: ``fastattn.music.model`` (note-based, pre-LN, FF 4·width, dropout 0.2, alpha 0.1) built
+Model: ``fastattn.music.model`` (note-based, pre-LN, FF 4·width, --dropout 0.2, alpha 0.1) built
 here from a config; data: random note tokens with non-decreasing onsets (steps of 0, 3, 6 or 12
 ticks, so bars advance) and pitches 21..108 — no dataset is needed to time steps.
 
@@ -42,7 +42,7 @@ from fastattn.nn import VARIANTS  # noqa: E402
 sys.path.insert(0, str(REPO / "bench"))
 from bench_circular_relative_attention import append_rows, device_name, versions  # noqa: E402
 
-COLUMNS = ("variant", "what", "layers", "width", "heads", "batch", "notes", "value", "unit", "ms",
+COLUMNS = ("variant", "what", "layers", "width", "heads", "batch", "notes", "dropout", "value", "unit", "ms",
            "device", "threads", "load1", "clock", "commit", "date")
 SDPA = "Attn-sdpa"
 
@@ -76,7 +76,7 @@ class SDPAAttention(nn.Module):
 def build(variant: str, args) -> MusicTransformer:
     torch.manual_seed(0)
     cfg = ModelConfig(representation="note", variant="Attn" if variant == SDPA else variant, n_layer=args.layers,
-                      d_model=args.width, n_head=args.heads, d_ff=4 * args.width, dropout=0.2,
+                      d_model=args.width, n_head=args.heads, d_ff=4 * args.width, dropout=args.dropout,
                       max_len=max(args.notes, args.gen_prompt + args.gen_notes))
     model = MusicTransformer(cfg)
     if variant == SDPA:
@@ -159,6 +159,9 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--notes", type=int, default=1024, help="training sequence length")
+    p.add_argument("--dropout", type=float, default=0.2,
+                   help="dropout everywhere, attention probabilities included (the paper's 0.2; with "
+                        "dropout, CPU SDPA runs its unfused path)")
     p.add_argument("--steps", type=int, default=3, help="timed training steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--gen-prompt", type=int, default=256)
@@ -176,7 +179,8 @@ def main(argv=None):
     meta = {**versions(), "device": device_name("cpu"), "threads": torch.get_num_threads(),
             "load1": f"{os.getloadavg()[0]:.1f}",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    shape = dict(layers=args.layers, width=args.width, heads=args.heads, batch=args.batch, notes=args.notes)
+    shape = dict(layers=args.layers, width=args.width, heads=args.heads, batch=args.batch, notes=args.notes,
+                 dropout=args.dropout)
     print(f"music model {shape}; {meta['device']}, commit {meta['commit']}, load {meta['load1']}")
     rows = []
     for variant in args.variants:
