@@ -9,7 +9,7 @@ script starts and stops itself.
 Workloads (each beside its plain-attention counterpart):
 - decode: one decoding step (KV cache of --decode-Lk keys, B=2, H=8, D=32, the paper's terms)
   by the cached cpp path, and by SDPA on the same cache;
-- train: one optimizer step of a small music Transformer (2 layers x 128, 4 heads, batch 8,
+- train: one optimizer step of a small music Transformer (the demo's: 2 layers x 128, 4 heads, dropout 0.1, batch 8,
   --train-notes notes, note-based) with CirRelAttn-H, and with vanilla SDPA attention.
 Rounds alternate idle and busy blocks (the competitor, ``python -c "while True: pass"``, runs
 only during busy blocks); each block times --steps steps; medians over blocks. The ratio
