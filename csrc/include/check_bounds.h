@@ -14,8 +14,8 @@ namespace fastattn {
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 constexpr int64_t kInt32Min = std::numeric_limits<int32_t>::min();
 
-// x as int32 after checking lo <= x <= hi; `what` (and `index` when >= 0, printed as
-// what[index]) names the argument in the error. [lo, hi] must lie within int32.
+// x as int32 after checking lo <= x <= hi; `what` (followed by "(term index)" when index >= 0)
+// names the argument in the error. [lo, hi] must lie within int32.
 inline int32_t checked_int32(int64_t x, int64_t lo, int64_t hi, const char* what, int64_t index = -1) {
   TORCH_INTERNAL_ASSERT(lo >= kInt32Min && hi <= kInt32Max, "checked_int32: bounds beyond int32");
   if (x < lo || x > hi) {

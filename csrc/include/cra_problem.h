@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <optional>
 #include <vector>
@@ -68,14 +69,18 @@ inline CraTerm cra_check_term(const int64_t* s, int t, int C, int N, int Lk) {
   return x;
 }
 
-// Coordinate values of CPU tensors are checked here (a min/max pass over [B, C, Lk] ints,
-// small next to attention). CUDA coordinates are not read back (that would cost a device
-// sync per call): there an out-of-range value cannot index out of bounds (every row is
-// clamped) but its differences may wrap; the Python layer checks them before every call.
+// Coordinate values of CPU tensors are checked here (one min/max pass over the [B, C, Lk]
+// contiguous ints: no allocation, small next to attention). CUDA coordinates are not read back
+// (that would cost a device sync per call): there an out-of-range value cannot index out of
+// bounds (every row is clamped) but its differences may wrap; the Python layer checks them.
 inline void cra_check_coord_values(const at::Tensor& coords) {
   if (!coords.device().is_cpu() || coords.numel() == 0) return;
-  const auto mm = at::aminmax(coords);
-  const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+  const int32_t* c = coords.data_ptr<int32_t>();
+  int32_t lo = c[0], hi = c[0];
+  for (int64_t i = 1; i < coords.numel(); ++i) {
+    lo = std::min(lo, c[i]);
+    hi = std::max(hi, c[i]);
+  }
   TORCH_CHECK(lo >= -CRA_SHIFT_MAX && hi <= CRA_COORD_MAX, "coords values must be in [", -CRA_SHIFT_MAX, ", ",
               CRA_COORD_MAX, "] (negative = missing), got values in [", lo, ", ", hi, "]");
 }
