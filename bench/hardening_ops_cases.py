@@ -128,9 +128,9 @@ coords = torch.arange(4, dtype=torch.int32).view(1, 1, 4)
 o, err = attempt(lambda: raw_fwd(q, torch.randn(1, 3, 4, dtype=torch.float64), coords, [1, 0, 0, -1, 0, 0, 2**32 + 3, 1, 0]))
 say(err or "accepted (n_hi read as 3)")
 """),
-    ("1", "raw attention: coordinate 2^31 - 1 with hi_min = -2^30 (difference wraps in int32)", Q1 + """
+    ("1", "raw attention: coordinate 2^31 - 1 with hi_min = -(2^30 - 1) (difference wraps in int32)", Q1 + """
 table = torch.randn(1, 8, 4, dtype=torch.float64)
-terms = [1, 0, 0, -1, 0, -(1 << 30), 8, 1, 0]
+terms = [1, 0, 0, -1, 0, -(1 << 30) + 1, 8, 1, 0]
 far = torch.tensor([[[0, 2**31 - 1, 0, 0]]], dtype=torch.int32)
 near = torch.tensor([[[0, 100, 0, 0]]], dtype=torch.int32)  # the same clamped row (7) in exact arithmetic
 o, err = attempt(lambda: raw_fwd(q, table, far, terms))

@@ -119,8 +119,15 @@ inline CraProblem cra_make_problem(const at::Tensor& q, const at::Tensor& k, con
   p.terms.n = terms.size() / CRA_TERM_INTS;
   int64_t all_rows = 0;  // kernels sum the rows of all terms in int32
   for (int t = 0; t < p.terms.n; ++t) {
-    p.terms.t[t] = cra_check_term(terms.data() + t * CRA_TERM_INTS, t, p.C, p.N, p.Lk);
-    all_rows += cra_term_rows(p.terms.t[t]);
+    const CraTerm& x = p.terms.t[t] = cra_check_term(terms.data() + t * CRA_TERM_INTS, t, p.C, p.N, p.Lk);
+    all_rows += cra_term_rows(x);
+    // Disjoint row blocks (as assembled): the kernels accumulate each term's table gradient
+    // over its own block, so a shared row would be counted twice.
+    for (int u = 0; u < t; ++u) {
+      const CraTerm& y = p.terms.t[u];
+      TORCH_CHECK(x.row_offset >= y.row_offset + cra_term_rows(y) || y.row_offset >= x.row_offset + cra_term_rows(x),
+                  "terms: the row blocks of terms ", u, " and ", t, " overlap");
+    }
   }
   TORCH_CHECK(all_rows <= kInt32Max, "terms: the rows of all terms together must fit in int32");
   cra_check_coord_values(coords);

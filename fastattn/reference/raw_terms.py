@@ -50,7 +50,7 @@ def check_terms(terms: Sequence[int], C: int, N: int, Lk: int) -> List[List[int]
     """The term integers split per term, after the checks of ``cra_check_term``."""
     _need(len(terms) % TERM_INTS == 0 and len(terms) // TERM_INTS <= MAX_TERMS,
           f"terms must hold {TERM_INTS} ints per term and at most {MAX_TERMS} terms")
-    out, total = [], 0
+    out, total, blocks = [], 0, []
     for t in range(len(terms) // TERM_INTS):
         kind, part, ch_hi, ch_lo, param, hi_min, n_hi, n_lo, off = terms[t * TERM_INTS:(t + 1) * TERM_INTS]
         _in(kind, KIND_INDEX, KIND_FIELDS, f"terms[{t}] kind")
@@ -73,6 +73,9 @@ def check_terms(terms: Sequence[int], C: int, N: int, Lk: int) -> List[List[int]
         _in(off, 0, N - rows, f"terms[{t}] row_offset")
         if kind == KIND_INDEX:
             _need(Lk + abs(hi_min) + n_hi <= INT32_MAX, f"terms[{t}]: Lk + |hi_min| + n_hi must fit in int32")
+        for u, (o2, r2) in enumerate(blocks):
+            _need(off >= o2 + r2 or o2 >= off + rows, f"terms: the row blocks of terms {u} and {t} overlap")
+        blocks.append((off, rows))
         total += rows
         out.append([kind, part, ch_hi, ch_lo, param, hi_min, n_hi, n_lo, off])
     _need(total <= INT32_MAX, "terms: the rows of all terms together must fit in int32")
