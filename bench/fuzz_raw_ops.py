@@ -4,6 +4,7 @@
     python bench/fuzz_raw_ops.py --count 3000                      # the built extension
     python bench/fuzz_raw_ops.py --count 3000 --asan               # an ASan build of the CPU kernels
     python bench/fuzz_raw_ops.py --count 300 --asan --source /work/main   # ... of another checkout's kernels
+    python bench/fuzz_raw_ops.py --asan --extension SCRATCH/lib/fastattn/_C...so # an ASan build made before
     python bench/fuzz_raw_ops.py --count 300 --extension /work/main/fastattn/_C.cpython-311-x86_64-linux-gnu.so
 
 --asan compiles csrc/fastattn.cpp and csrc/cpu/*.cpp (setup.py, FASTATTN_NO_CUDA=1) with
@@ -61,7 +62,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--count", type=int, default=1000, help="cases per family")
     ap.add_argument("--asan", action="store_true")
-    ap.add_argument("--extension", help="fuzz this compiled extension (.so) instead of the built one")
+    ap.add_argument("--extension", help="fuzz this compiled extension (.so) instead of the built one "
+                                        "(with --asan: an ASan build made before, not rebuilt)")
     ap.add_argument("--source", default=str(REPO),
                     help="with --asan: the checkout whose C++ sources to build (the Python oracle is always this one)")
     ap.add_argument("--scratch", default="/tmp/fastattn_fuzz")
@@ -72,7 +74,7 @@ def main() -> None:
     env = dict(os.environ)
     build = "the built extension"
     if args.asan or args.extension:
-        so = build_asan(scratch, Path(args.source)) if args.asan else Path(args.extension)
+        so = Path(args.extension) if args.extension else build_asan(scratch, Path(args.source))
         env["FASTATTN_FUZZ_PATH"] = str(overlay(scratch, so))
         build = f"AddressSanitizer build ({so})" if args.asan else f"extension {so}"
     if args.asan:

@@ -6,7 +6,7 @@ signal. Run it against a checkout to see that checkout's behaviour (the closing 
 column came from the main branch at 85301e4, the "after" column from this branch):
 
     PYTHONPATH=/work/main python bench/hardening_ops_cases.py --out before.md
-    PYTHONPATH=$PWD python bench/hardening_ops_cases.py --out bench/results/hardening_ops_cases.md
+    PYTHONPATH=$PWD python bench/hardening_ops_cases.py --before before.md --out bench/results/hardening_ops_cases.md
 """
 from __future__ import annotations
 
@@ -240,14 +240,23 @@ def main() -> None:
     ap.add_argument("--out", help="also write the markdown table here")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("-k", default="", help="only cases whose description contains this")
+    ap.add_argument("--before", help="a table this script wrote for another checkout: shown as a column")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    rows = ["| class | case | outcome |", "|---|---|---|"]
+    before = {}
+    if args.before:
+        for line in open(args.before):
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            if len(cells) == 3 and cells[0] in ("1", "3"):
+                before[cells[1]] = cells[2]
+    head = "| class | case | " + ("before | after |" if before else "outcome |")
+    rows = [head, "|---" * (head.count("|") - 1) + "|"]
     for cls, desc, code in CASES:
         if args.k and args.k not in desc:
             continue
         outcome = run_case(code, args.timeout).replace("|", "\\|")
-        rows.append(f"| {cls} | {desc} | {outcome} |")
+        cells = [cls, desc] + ([before.get(desc, "(not run)")] if before else []) + [outcome]
+        rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     if args.out:
         with open(args.out, "w") as f:
