@@ -126,7 +126,7 @@ inline CraProblem cra_make_problem(const at::Tensor& q, const at::Tensor& k, con
     for (int u = 0; u < t; ++u) {
       const CraTerm& y = p.terms.t[u];
       TORCH_CHECK(x.row_offset >= y.row_offset + cra_term_rows(y) || y.row_offset >= x.row_offset + cra_term_rows(x),
-                  "terms: the row blocks of terms ", u, " and ", t, " overlap");
+                  "terms: row blocks overlap (terms ", u, " and ", t, " share table rows)");
     }
   }
   TORCH_CHECK(all_rows <= kInt32Max, "terms: the rows of all terms together must fit in int32");

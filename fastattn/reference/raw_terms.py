@@ -74,7 +74,7 @@ def check_terms(terms: Sequence[int], C: int, N: int, Lk: int) -> List[List[int]
         if kind == KIND_INDEX:
             _need(Lk + abs(hi_min) + n_hi <= INT32_MAX, f"terms[{t}]: Lk + |hi_min| + n_hi must fit in int32")
         for u, (o2, r2) in enumerate(blocks):
-            _need(off >= o2 + r2 or o2 >= off + rows, f"terms: the row blocks of terms {u} and {t} overlap")
+            _need(off >= o2 + r2 or o2 >= off + rows, f"terms: row blocks overlap (terms {u} and {t} share table rows)")
         blocks.append((off, rows))
         total += rows
         out.append([kind, part, ch_hi, ch_lo, param, hi_min, n_hi, n_lo, off])
