@@ -383,6 +383,9 @@ def test_decoding_reuses_the_op_tables_until_a_table_changes():
         torch.testing.assert_close(c["bar_table"], m.table_maps["bar_table"](m.bar_table).flip(0))
         m.table_maps["pos_table"].weight.mul_(2.0)
         assert m.relative_tables(torch.float32)["pos_table"] is not c["pos_table"]
+        m.octave_table.data = m.octave_table.data * 3  # what Module.to() does: same tensor
+        torch.testing.assert_close(m.relative_tables(torch.float32)["octave_table"],
+                                   m.table_maps["octave_table"](m.octave_table))
         assert m.relative_tables(torch.float64)["pos_table"].dtype == torch.float64
     d = m.relative_tables()
     assert d["bar_table"].requires_grad and d["bar_table"] is not c["bar_table"]

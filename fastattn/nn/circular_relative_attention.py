@@ -340,6 +340,13 @@ class KVCache:
                 f"head_dim={self.head_dim})")
 
 
+def _same_sources(a: tuple, b: tuple) -> bool:
+    """Keys of ``relative_tables``: (dtype, inference mode, sources, versions, storages)."""
+    return (a[:2] == b[:2] and len(a[2]) == len(b[2])
+            and all(x is y for x, y in zip(a[2], b[2])) and a[3] == b[3]
+            and all(x.data_ptr() == y.data_ptr() for x, y in zip(a[4], b[4])))
+
+
 class CircularRelativeAttention(nn.Module):
     """Multi-head self-attention with relative index, time and pitch terms (SPEC §2, §3).
 
@@ -580,14 +587,17 @@ class CircularRelativeAttention(nn.Module):
         step neither recomputes the maps nor makes the op re-assemble its table."""
         sources = [getattr(self, n) for n in self._table_names]
         sources += [m.weight for m in self.table_maps.values()]
-        key = None
-        if not (torch.compiler.is_compiling() or any(t.is_inference() for t in sources)
-                or (torch.is_grad_enabled() and any(t.requires_grad for t in sources))):
-            key = (dtype, torch.is_inference_mode_enabled(), [(t, t._version) for t in sources])
-            hit = self.__dict__.get("_tables_kept")
-            if hit is not None and hit[0][:2] == key[:2] and len(hit[0][2]) == len(sources) and all(
-                    a is b and va == vb for (a, va), (b, vb) in zip(hit[0][2], key[2])):
-                return dict(hit[1])
+        reuse = not (torch.compiler.is_compiling() or any(t.is_inference() for t in sources)
+                     or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)))
+        if reuse:
+            # A source is unchanged while it is the same tensor, at the same version (in-place
+            # updates), over the same storage (``.to()`` swaps ``.data``); the entry holds the
+            # old storages, so their addresses cannot be reused meanwhile.
+            key = (dtype, torch.is_inference_mode_enabled(), sources,
+                   [t._version for t in sources], [t.detach() for t in sources])
+            kept = self.__dict__.get("_tables_kept")
+            if kept is not None and _same_sources(kept[0], key):
+                return dict(kept[1])
         out = {}
         for name in self._table_names:
             t = getattr(self, name)
@@ -596,7 +606,7 @@ class CircularRelativeAttention(nn.Module):
             if self.difference == "key_minus_query" and name in _REVERSED_IN_KEY_ORDER:
                 t = t.flip(-2)
             out[name] = t if dtype is None else t.to(dtype)
-        if key is not None:  # the entry holds its sources, so their ids cannot be reused
+        if reuse:
             self.__dict__["_tables_kept"] = (key, out)
         return dict(out)
 
