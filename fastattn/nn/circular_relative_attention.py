@@ -411,9 +411,9 @@ class CircularRelativeAttention(nn.Module):
     ============  =============================  ===========================================
 
     With Δt = t_q − t_k of onsets t (time_mode="onset") or t = bar·R + position ("fields").
-    A sinusoidal row encodes the value it stands for: r + min of the slides column; in key-minus
-    -query order the authors' values (minus the key-minus-query difference, except the pitch
-    class, which encodes it as is).
+    A sinusoidal row r encodes the value it stands for: in query-minus-key order r plus the
+    table's lowest value; in key-minus-query order the authors' values (the negated difference
+    d = r − offset, except the pitch class, which encodes d itself).
 
     Learned tables with init="scaled" are N(0, σ²) so that the combined relative embedding has
     entries of std ≈ 1/√D, like a single table of std 1/√D: σ = D^(−1/2) for index and direct
