@@ -8,8 +8,8 @@ notes → MIDI (in memory) → notes → tokens must give the same tokens and co
 and event-based. Prints and writes the failure counts, the number of windows, the first
 failures (window, representation), and how many notes the canonical form merged and cut while
 preparing the songs. CI checks a fixed sample of songs
-(tests/test_music_tokens.py); this script checks all of them (~2 min on one core, plus the
-preparation when the cache is cold).
+(tests/test_music_tokens.py); this script checks all of them (48 min on the shared 2-core
+machine under heavy load; the preparation adds seconds).
 """
 from __future__ import annotations
 
