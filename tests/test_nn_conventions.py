@@ -237,6 +237,7 @@ def test_authors_preset_sets_every_option_and_tables():
 
 def test_authors_init_is_unit_normal():
     m = CircularRelativeAttention.from_variant("CirRelAttn-H", 256, 8, convention="authors")
+    m.requires_grad_(False)
     assert abs(float(m.rel_index_table.std()) - 1.0) < 0.05
     assert abs(float(m.bar_table.std()) - 1.0) < 0.1
     w = m.table_maps["bar_table"].weight  # nn.Linear default: U(−1/√D, 1/√D)
