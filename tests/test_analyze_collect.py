@@ -133,7 +133,8 @@ def test_capture_stops_early_and_hooks_are_removed():
 def test_music_collection(tmp_path, representation):
     subject, corpus = tiny_music(representation)
     ctx = subject.contexts(corpus, "train", 24, max_contexts=6)
-    assert ctx.inputs.shape[:2] == (6, 24) and set(ctx.extras) == {"onset", "pitch", "track"}
+    assert ctx.inputs.shape[:2] == (6, 24)
+    assert set(ctx.extras) == {"onset", "pitch", "bar", "position", "track"}
     assert (ctx.tokens[:, 0] == subject.bos_id).all()
     collect(subject, ctx, tmp_path, [0, 1], "all", progress=False)
     coll = Collection(tmp_path)

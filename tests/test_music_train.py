@@ -13,7 +13,7 @@ import torch
 from fastattn.music import data as D
 from fastattn.music import tokens as T
 from fastattn.music.generate import SamplingConfig, decode, generate, prompt_from_notes
-from fastattn.music.model import ModelConfig, MusicTransformer
+from fastattn.music.model import ModelConfig, MusicTransformer, config_dict
 from fastattn.music.synthetic import SyntheticConfig, synthetic_corpus
 from fastattn.music.train import (TrainConfig, _LossModule, evaluate_nll, load_checkpoint,
                                   step_loss, train)
@@ -86,7 +86,7 @@ def _ddp_worker(rank, world, init_file, out_dir, batch_idx):
         net = torch.nn.parallel.DistributedDataParallel(_LossModule(model))
         per = len(batch_idx) // world
         batch = D.corpus_batch(CORPUS, "train", batch_idx[rank * per:(rank + 1) * per], "event",
-                               256)
+                               256, convention=model.cfg.convention)
         step_loss(net, batch, world).backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters()}, f"{out_dir}/ddp_grad.pt")
@@ -115,7 +115,8 @@ def test_ddp_two_process_gloo_matches_single_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, init_file, str(tmp_path), batch_idx), nprocs=2, join=True)
     torch.manual_seed(0)
     model = MusicTransformer(tiny("event", dropout=0.0))
-    batch = D.corpus_batch(CORPUS, "train", batch_idx, "event", 256)
+    batch = D.corpus_batch(CORPUS, "train", batch_idx, "event", 256,
+                           convention=model.cfg.convention)
     step_loss(_LossModule(model), batch, 1).backward()
     ddp = torch.load(tmp_path / "ddp_grad.pt", weights_only=True)
     for name, p in model.named_parameters():
@@ -130,9 +131,9 @@ def test_ddp_two_process_gloo_matches_single_process(tmp_path):
         load_checkpoint(tmp_path / "ddp_run" / "last.pt")["last_val"], rel=1e-5)
 
 
-def _model(rep, variant="CirRelAttn-H"):
+def _model(rep, variant="CirRelAttn-H", **kw):
     torch.manual_seed(0)
-    m = MusicTransformer(tiny(rep, variant, dropout=0.0)).eval()
+    m = MusicTransformer(tiny(rep, variant, dropout=0.0, **kw)).eval()
     with torch.no_grad():  # make the end token unlikely so that sequences get long
         if rep == "note":
             m.heads[0].bias[T.TYPE_EOS] = -6.0
@@ -143,9 +144,11 @@ def _model(rep, variant="CirRelAttn-H"):
 
 
 @pytest.mark.parametrize("rep", ["note", "event"])
-@pytest.mark.parametrize("variant", ["Attn", "CirRelAttn-H"])
-def test_kv_cache_generation_equals_recomputation(rep, variant):
-    m = _model(rep, variant)
+@pytest.mark.parametrize("variant, convention", [("Attn", "authors"), ("RIPO", "authors"),
+                                                 ("CirRelAttn-H", "authors"),
+                                                 ("CirRelAttn-H", "slides")])
+def test_kv_cache_generation_equals_recomputation(rep, variant, convention):
+    m = _model(rep, variant, convention=convention)
     prompt = prompt_from_notes(CORPUS.window("train", 0), rep, 2)
     runs = []
     for use_cache in (True, False):
@@ -175,14 +178,16 @@ def test_generation_constraints(rep):
     assert len(new) <= 150 and np.array_equal(g.tokens[:g.n_prompt], prompt.tokens)
     notes = decode(rep, g.tokens)
     assert notes[:, T.BAR].max() < 5 and len(notes) > len(w[w[:, T.BAR] < 2])
-    onsets = g.onset[g.onset >= 0]
-    assert (np.diff(onsets) >= 0).all()  # time never goes back
+    slides = T.coordinates(g.tokens, rep, "slides").onset
+    assert (np.diff(slides[slides >= 0]) >= 0).all()  # time never goes back
+    coords = T.coordinates(g.tokens, rep, m.cfg.convention)  # Generation carries the model's
+    for name in T.Coords._fields:
+        np.testing.assert_array_equal(getattr(coords, name), getattr(g, name))
     assert set(np.diff(np.unique(notes[:, T.BAR]))) <= {1}  # no bar skipped
     if rep == "note":
         assert (new[:, 0] != T.TYPE_SOS).all()
         for f, size in enumerate(T.FIELD_SIZES):
             assert new[new[:, 0] == T.TYPE_NOTE][:, f].max() < size
-        np.testing.assert_array_equal(T.note_coordinates(g.tokens)[0], g.onset)
     else:
         assert new.max() < T.EVENT_VOCAB
         kinds = T.event_kind(g.tokens)
@@ -191,9 +196,6 @@ def test_generation_constraints(rep):
                                    (1, 0), (5, 0)}
         bars = g.tokens[kinds == 1] - T.BAR_OFFSET
         assert (np.diff(bars) == 1).all()
-        on, pi = T.event_coordinates(g.tokens)
-        np.testing.assert_array_equal(on, g.onset)
-        np.testing.assert_array_equal(pi, g.pitch)
     # Greedy next-bar completion only writes into the requested bar.
     if rep == "event":
         return  # a 15-bar event prompt does not fit the tiny max_len; the note-based one does
@@ -202,3 +204,54 @@ def test_generation_constraints(rep):
     out = decode(rep, nb.tokens)
     assert set(out[:, T.BAR].tolist()) <= set(range(16))
     assert (out[out[:, T.BAR] < 15] == w[w[:, T.BAR] < 15]).all()
+
+
+@pytest.mark.parametrize("rep", ["note", "event"])
+def test_continuations_never_write_into_the_prompt(rep):
+    """Many continuations (4 bars given, 16 in all; sampled with end tokens unlikely): the
+    prompt's notes come back unchanged and every new note lies after the prompt."""
+    from fastattn.music.evaluate import continue_piece
+    m = _model(rep)
+    gen = torch.Generator().manual_seed(0)
+    new_notes = 0
+    for k in range(8):
+        w = CORPUS.window("train", k)
+        out = continue_piece(m, w, prompt_bars=4, total_bars=6, generator=gen,
+                             sampling=SamplingConfig(top_k=0, max_new_tokens=40))
+        head = out[out[:, T.BAR] < 4]
+        np.testing.assert_array_equal(head, w[w[:, T.BAR] < 4])
+        assert out[:, T.BAR].max() < 6
+        new_notes += len(out) - len(head)
+    assert new_notes > 30  # the continuations did write notes (after the prompt)
+
+
+@pytest.mark.parametrize("rep", ["note", "event"])
+def test_authors_preset_end_to_end(tmp_path, rep):
+    """A tiny model in the authors' preset trains a few steps (loss falls), reloads from its
+    checkpoint with the preset, and generates with the KV cache as without it."""
+    from fastattn.music.train import load_model
+    mc = tiny(rep, dropout=0.0)
+    assert mc.convention == "authors"
+    torch.manual_seed(0)
+    before = evaluate_nll(MusicTransformer(mc), CORPUS, "valid", max_windows=4)["loss"]
+    r = train(mc, tcfg(tmp_path, max_steps=6, eval_every=6, lr=1e-2, max_shift=0), CORPUS)
+    assert r.last_val < before - 0.3, (before, r.last_val)
+    m = load_model(tmp_path / "last.pt")
+    assert m.cfg.convention == "authors" and m.blocks[0].attn.convention == "authors"
+    assert m.coordinate_names == ("bar", "position", "pitch")
+    prompt = prompt_from_notes(CORPUS.window("valid", 0), rep, 2, "authors")
+    runs = [generate(m, prompt, sampling=SamplingConfig(max_new_tokens=20, top_p=0.9),
+                     generator=torch.Generator().manual_seed(1), use_cache=c, return_logits=True)
+            for c in (True, False)]
+    np.testing.assert_array_equal(runs[0].tokens, runs[1].tokens)
+    for la, lb in zip(runs[0].logits, runs[1].logits):
+        for x, y in zip(la if rep == "note" else [la], lb if rep == "note" else [lb]):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_old_checkpoints_load_in_the_slides_convention(tmp_path):
+    from fastattn.music.train import atomic_save, load_model
+    m = MusicTransformer(tiny("note", convention="slides"))
+    cfg = {k: v for k, v in config_dict(m.cfg).items() if k != "convention"}
+    atomic_save({"model_config": cfg, "model": m.state_dict()}, tmp_path / "old.pt")
+    assert load_model(tmp_path / "old.pt").cfg.convention == "slides"

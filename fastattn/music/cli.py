@@ -9,22 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from fastattn.music.corpus import load_corpus  # (callers that imported it from here still can)
+
 PAPER_WINDOWS = {"train": 35452, "valid": 4749, "test": 4137}
-
-
-def load_corpus(data, *, seed: int = 0, songs: int = 0, cache_dir=None, progress: bool = True):
-    """The embedded synthetic corpus (``data`` None) or a POP909 / MIDI folder (first ``songs``
-    songs when > 0)."""
-    if data is None:
-        from fastattn.music.synthetic import SyntheticConfig, synthetic_corpus
-        return synthetic_corpus(SyntheticConfig(seed=seed))
-    from fastattn.music.pop909 import load_midi_folder
-    subset = None
-    if songs:
-        root = Path(data)
-        names = sorted(p.name for p in root.iterdir() if p.is_dir() or p.suffix.lower() in (".mid", ".midi"))
-        subset = names[:songs]
-    return load_midi_folder(data, seed=seed, songs=subset, cache_dir=cache_dir, progress=progress)
 
 
 def _add_data_args(p):
@@ -81,7 +68,8 @@ def _train(args) -> int:
     c = _corpus(args)
     mc = ModelConfig(representation=args.representation, variant=args.variant,
                      n_layer=args.layers, d_model=args.dim, n_head=args.heads, d_ff=args.ff,
-                     dropout=args.dropout, max_len=args.max_len, alpha=args.alpha)
+                     dropout=args.dropout, max_len=args.max_len, alpha=args.alpha,
+                     convention=args.convention)
     tc = TrainConfig(lr=args.lr, warmup_steps=args.warmup, decay_steps=args.decay_steps,
                      batch_size=args.batch_size, max_steps=args.steps, eval_every=args.eval_every,
                      eval_windows=args.eval_windows, patience=args.patience, seed=args.seed,
@@ -184,6 +172,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--max-len", type=int, default=0, help="0 = 1024 (note) / 4096 (event)")
     p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--convention", choices=["authors", "slides"], default="authors",
+                   help="relative-attention rules and event coordinates: the paper authors' code "
+                        "(default) or the slides / SPEC §2")
     p.add_argument("--lr", type=float, default=8e-5)
     p.add_argument("--warmup", type=int, default=5000)
     p.add_argument("--decay-steps", type=int, default=50000)

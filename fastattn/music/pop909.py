@@ -9,7 +9,11 @@ in seconds, a marker, downbeat flag). Preparation of one song:
 3. onsets are snapped to 12 ticks per beat *after* removing the phase; bars come from the
    downbeat flags; a bar's length is the number of beat lines until the next downbeat.
 4. tracks by name (MELODY 0, BRIDGE 1, PIANO 2); durations capped at 96 and mapped to the
-   nearest known duration.
+   nearest known duration; then the canonical form (``tokens.resolve_overlaps``): notes of one
+   track and pitch starting together (exact duplicates included) merge into the longest, and a
+   note still sounding when the next note of its track and pitch starts is cut there (to the
+   longest known duration that fits). MIDI holds nothing else exactly, so this makes what the
+   model sees exactly what the MIDI it writes reads back as.
 5. windows: 16 consecutive bars, all 4 beats long and none without a note onset, stride 1 bar.
 6. songs are split 80/10/10 with a fixed seed.
 
@@ -30,7 +34,7 @@ import numpy as np
 from fastattn.music import tokens as T
 from fastattn.music.data import WindowCorpus, split_songs, windows_of, SPLITS
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: canonical form (resolved same-pitch overlaps) at preparation
 GRID_TOLERANCE = 0.05  # quarters a beat marker may sit off the song's quarter grid
 
 
@@ -124,9 +128,14 @@ def prepare_pop909_song(folder: Path) -> Tuple[np.ndarray, np.ndarray]:
         bar = np.searchsorted(bar_start, g, side="right") - 1
         keep = (bar >= 0) & (g < song_end)
         g, dur, bar, p = g[keep], dur[keep], bar[keep], arr["pitch"][keep].astype(np.int64)
-        rows.append(np.stack([bar, g - bar_start[bar], np.full_like(g, trk), p,
-                              T.quantize_duration(dur)], axis=1))
-    notes = T.canonical(np.concatenate(rows)) if rows else np.zeros((0, 5), np.int64)
+        rows.append(np.stack([g, bar, np.full_like(g, trk), p, T.quantize_duration(dur)], axis=1))
+    if rows:
+        g, bar, trk, p, dur = np.concatenate(rows).T
+        keep, dur = T.resolve_overlaps(g, trk, p, dur)  # on grid ticks: bars may be 5+ beats
+        g, bar, trk, p, dur = g[keep], bar[keep], trk[keep], p[keep], dur[keep]
+        notes = T.canonical(np.stack([bar, g - bar_start[bar], trk, p, dur], axis=1))
+    else:
+        notes = np.zeros((0, 5), np.int64)
     if len(notes) == 0:
         raise SkipSong("no notes inside the annotated bars")
     return notes, bar_beats

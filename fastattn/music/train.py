@@ -132,7 +132,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 def load_model(path, device="cpu") -> MusicTransformer:
     """A MusicTransformer from ``last.pt`` / ``best.pt``, in eval mode."""
     ck = load_checkpoint(path, device)
-    model = MusicTransformer(ModelConfig(**ck["model_config"]))
+    # Checkpoints written before the convention option were trained in the slides' convention.
+    model = MusicTransformer(ModelConfig(**{"convention": "slides", **ck["model_config"]}))
     model.load_state_dict(ck["model"])
     return model.to(device).eval()
 
@@ -145,7 +146,7 @@ class _LossModule(nn.Module):
         self.model = model
 
     def forward(self, batch: D.Batch) -> LossParts:
-        return self.model.loss_parts(batch.inputs, batch.targets, batch.onset, batch.pitch)
+        return self.model.loss_parts(batch.inputs, batch.targets, **batch.coordinates())
 
 
 def step_loss(net: nn.Module, batch: D.Batch, world: int) -> torch.Tensor:
@@ -205,9 +206,10 @@ def evaluate_nll(model: MusicTransformer, corpus: D.WindowCorpus, split: str, *,
     counts = torch.zeros(len(model.fields), dtype=torch.float64, device=device)
     mine = list(range(rank, n, world))
     for s in range(0, len(mine), batch_size):
-        b = D.corpus_batch(corpus, split, mine[s:s + batch_size], rep, model.cfg.max_len).to(device)
+        b = D.corpus_batch(corpus, split, mine[s:s + batch_size], rep, model.cfg.max_len,
+                           convention=model.cfg.convention).to(device)
         with autocast_for(device):
-            parts = model.loss_parts(b.inputs, b.targets, b.onset, b.pitch)
+            parts = model.loss_parts(b.inputs, b.targets, **b.coordinates())
         sums += parts.nll_sum.double()
         counts += parts.count.double()
     if world > 1:
@@ -307,7 +309,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, corpus: D.WindowCorpus, *,
             idx, shifts = D.batch_indices(n_train, cfg.batch_size, cfg.seed, step, cfg.max_shift)
             sl = slice(rank * per_rank, (rank + 1) * per_rank)
             batch = D.corpus_batch(corpus, "train", idx[sl], model_cfg.representation,
-                                   model_cfg.max_len, shifts[sl]).to(device)
+                                   model_cfg.max_len, shifts[sl],
+                                   convention=model_cfg.convention).to(device)
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr

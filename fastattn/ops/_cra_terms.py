@@ -201,6 +201,8 @@ _TABLE_CACHE_SIZE = 4
 
 def _table_key(kw: dict, combine: str, time_mode: str, H: int):
     tables = [kw[n] for n in TABLE_ARGS if kw[n] is not None]
+    if not tables:  # the empty table takes q's dtype, device and D, which the key does not hold
+        return None
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tables)):
         return None
     if any(t.is_inference() for t in tables):  # no version counter (made under inference_mode)
