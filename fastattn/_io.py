@@ -216,7 +216,7 @@ def load_checkpoint(path, *, required: Sequence[str] = (), map_location="cpu",
     except FileNotFoundError:
         raise
     except Exception as e:  # truncated zip, garbage, pickled code refused by weights_only, …
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        msg = str(e).strip().splitlines()[0].split(". ")[0][:160] if str(e).strip() else ""
         raise CorruptFile(f"{path}: unreadable checkpoint ({type(e).__name__}: {msg}){how}") from None
     missing = [k for k in required if not isinstance(ck, dict) or k not in ck]
     if missing:
@@ -259,7 +259,8 @@ class DirLock:
     def __init__(self, directory, command: Optional[str] = None):
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
-        self.command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) or "python"
+        argv = getattr(sys, "orig_argv", sys.argv)  # python -m fastattn ...: the module, not __main__.py
+        self.command = command or " ".join([Path(argv[0]).name, *argv[1:]]) or "python"
         self.fd: Optional[int] = None
 
     def acquire(self) -> "DirLock":

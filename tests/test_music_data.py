@@ -96,15 +96,13 @@ def test_midi_folder_skips_corrupt_and_empty_files(tmp_path):
 
 
 def _huge_tick_midi(path: Path, tpq: int = 1, delta: int = 0x0FFFFFFF) -> None:
-    """A ~37-byte MIDI file whose only note starts at tick ``delta``: at tpq 1, bar 67 million."""
-    def vlq(n):
-        out = [n & 0x7F]
-        while n := n >> 7:
-            out.append((n & 0x7F) | 0x80)
-        return bytes(reversed(out))
-    trk = vlq(delta) + bytes([0x90, 60, 100]) + vlq(1) + bytes([0x80, 60, 0]) + b"\x00\xff\x2f\x00"
-    path.write_bytes(b"MThd" + (6).to_bytes(4, "big") + (0).to_bytes(2, "big") + (1).to_bytes(2, "big")
-                     + tpq.to_bytes(2, "big") + b"MTrk" + len(trk).to_bytes(4, "big") + trk)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "hostile_cases", Path(__file__).resolve().parents[1] / "bench" / "hostile_cases.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.huge_midi(path, delta, tpq)
 
 
 def test_note_at_a_huge_tick_is_skipped_not_allocated(tmp_path):
