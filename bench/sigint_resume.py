@@ -169,9 +169,10 @@ def interrupted_run(cmd: list, delay: float, timeout: float = 600) -> dict:
             p.send_signal(signal.SIGINT)
             sent = True
     stdout, stderr = p.communicate(timeout=timeout)
+    ran = time.time() - started if started is not None else 0.0
     text = stdout + stderr
     m = re.search(r"interrupted at step (\d+)( \(during validation\))?", text)
-    return {"delay_s": round(delay, 3), "sent": sent, "rc": p.returncode,
+    return {"delay_s": round(delay, 3), "sent": sent, "rc": p.returncode, "ran_s": round(ran, 3),
             "step": int(m.group(1)) if m else None,
             "during": ("validation" if m.group(2) else "training") if m else
                       ("after training (aborted at exit)" if sent else None),
@@ -189,6 +190,7 @@ def trials(kind: str, name: str, make_cmd, reference: dict, train_s: float, n: i
         r = interrupted_run(cmd, rng.uniform(0, train_s))
         if not r["sent"] or r["rc"] == 0:  # finished first, or exiting when the signal came
             missed += 1
+            train_s = min(train_s, r["ran_s"])  # the machine got faster than the reference run
             log(f"{name} attempt {attempt}: finished before the signal (missed), redrawn")
             continue
         rc, _, text = run_to_end(cmd)
