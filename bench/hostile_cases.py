@@ -107,34 +107,34 @@ def _tiny(batch: int = 2, **extra) -> list:
 
 
 def _arg_case(name, cls, what, *args):
-    def fn(t, w):
-        return t.run(*args)
+    def fn(t, w):  # every case writes into its own directory
+        return t.run(*[name if a == "OUT" else a for a in args])
     fn.__name__ = name
     case(cls, what)(fn)
 
 
 for name, what, args in [
     ("music_eval_every_0", "music train --eval-every 0",
-     ["music", "train", *TINY, "--steps", "2", "--eval-every", "0", "--out", "r"]),
-    ("music_batch_size_0", "music train --batch-size 0", ["music", "train", *_tiny(batch=0, steps=2), "--out", "r"]),
-    ("music_steps_neg", "music train --steps -5", ["music", "train", *TINY, "--steps", "-5", "--out", "r"]),
+     ["music", "train", *TINY, "--steps", "2", "--eval-every", "0", "--out", "OUT"]),
+    ("music_batch_size_0", "music train --batch-size 0", ["music", "train", *_tiny(batch=0, steps=2), "--out", "OUT"]),
+    ("music_steps_neg", "music train --steps -5", ["music", "train", *TINY, "--steps", "-5", "--out", "OUT"]),
     ("music_top_p_0", "music generate --top-p 0", ["music", "generate", "--checkpoint", "ck.pt", "--top-p", "0"]),
     ("music_temperature_neg", "music generate --temperature -1",
-     ["music", "generate", "--checkpoint", "ck.pt", "--temperature", "-1", "--n", "1", "--out", "gen"]),
+     ["music", "generate", "--checkpoint", "ck.pt", "--temperature", "-1", "--n", "1", "--out", "OUT"]),
     ("music_unknown_split", "music generate --split validation",
      ["music", "generate", "--checkpoint", "ck.pt", "--split", "validation"]),
     ("sae_epochs_neg", "sae train --epochs -1",
-     ["sae", "train", "--data", "acts", *SAE, "--epochs", "-1", "--out-dir", "s"]),
+     ["sae", "train", "--data", "acts", *SAE, "--epochs", "-1", "--out-dir", "OUT"]),
     ("sae_latents_0", "sae train --latents 0",
-     ["sae", "train", "--data", "acts", "--latents", "0", "--no-progress", "--out-dir", "s"]),
+     ["sae", "train", "--data", "acts", "--latents", "0", "--no-progress", "--out-dir", "OUT"]),
     ("sae_alpha_nan", "sae train --model bae --alpha-entropy nan",
      ["sae", "train", "--data", "acts", "--model", "bae", "--alpha-entropy", "nan", "--no-progress",
-      "--out-dir", "s"]),
+      "--out-dir", "OUT"]),
     ("sae_k_gt_latents", "sae train --latents 8 --k 16",
      ["sae", "train", "--data", "acts", "--model", "topk", "--latents", "8", "--k", "16", "--no-progress",
-      "--out-dir", "s"]),
+      "--out-dir", "OUT"]),
     ("analyze_context_1", "analyze collect --context 1",
-     ["analyze", "collect", "--music", "ck.pt", "--context", "1", "--out", "c"]),
+     ["analyze", "collect", "--music", "ck.pt", "--context", "1", "--out", "OUT"]),
 ]:
     _arg_case(name, "7", what, *args)
 
