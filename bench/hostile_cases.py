@@ -35,11 +35,13 @@ class Tree:
 
     def run(self, *args, timeout=300, background=False, show=None):
         cmd = [sys.executable, "-m", "fastattn", *map(str, args)]
+        # SIGINT's default action in the child, also when this script runs as a background job
+        # (started with SIGINT ignored, which children would inherit).
+        kw = dict(env=self.env, cwd=self.work, text=True,
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         if background:
-            return subprocess.Popen(cmd, env=self.env, cwd=self.work, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
-        p = subprocess.run(cmd, env=self.env, cwd=self.work, capture_output=True, text=True,
-                           timeout=timeout)
+            return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+        p = subprocess.run(cmd, capture_output=True, timeout=timeout, **kw)
         return result(p.returncode, p.stdout + p.stderr, show)
 
 
@@ -270,7 +272,12 @@ def sae_sigint(t, w):
         time.sleep(0.05)
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)
-    out, _ = p.communicate(timeout=120)
+    try:
+        out, _ = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+        return result(p.returncode, out, still_running_after_120s=True)
     return result(p.returncode, out)
 
 

@@ -42,6 +42,12 @@ def env() -> dict:
     return e
 
 
+def default_sigint() -> None:
+    """Children get SIGINT's default action even when this script runs as a background job of
+    a non-interactive shell, which starts it with SIGINT ignored (and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # ---------------------------------------------------------------------------------------------
 # the two commands
 def music_cmd(out: Path, steps: int = 120) -> list:
@@ -140,7 +146,8 @@ def run_to_end(cmd: list, timeout: float = 600) -> tuple:
     """(exit code, seconds from the first log record to the end of ``train`` (lock released),
     output)."""
     lock, first = _paths(cmd)
-    p = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=default_sigint)
     started = _wait_for(p, first)
     ended = _wait_for(p, lock, present=False)
     stdout, stderr = p.communicate(timeout=timeout)
@@ -159,7 +166,8 @@ def _wait_for(p, path: Path, present: bool = True):
 def interrupted_run(cmd: list, delay: float, timeout: float = 600) -> dict:
     """Start ``cmd``, send SIGINT ``delay`` seconds after its first log record; what happened.
     (Startup is not the interesting part: torch's first optimizer alone imports for seconds.)"""
-    p = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=default_sigint)
     started = _wait_for(p, _paths(cmd)[1])
     sent = False
     if started is not None:

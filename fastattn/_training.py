@@ -48,8 +48,8 @@ class ResumeMismatch(UserError, ValueError):
 class StopRequest:
     """``with StopRequest() as stop: ... if stop.check(): save; return``.
 
-    Handlers are installed only in the main thread (elsewhere signals keep their defaults) and
-    the previous ones come back on exit. ``world`` > 1: ``check()`` all-reduces the flag
+    Handlers are installed only in the main thread (elsewhere signals keep their defaults), not
+    for signals that are ignored, and the previous ones come back on exit. ``world`` > 1: ``check()`` all-reduces the flag
     (``device``: where the reduction tensor lives; NCCL needs CUDA).
     """
 
@@ -73,7 +73,10 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+                # A signal the process was started with ignored (a background job of a script,
+                # `nohup`-style wrappers) stays ignored, as Python itself leaves it.
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:

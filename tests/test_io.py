@@ -13,6 +13,8 @@ import textwrap
 import pytest
 import torch
 
+from helpers import default_sigint  # noqa: F401  (fixture)
+
 from fastattn import _args, _io
 from fastattn._training import ResumeMismatch, StopRequest, check_resume
 
@@ -103,6 +105,7 @@ def test_dir_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, caps
     assert not (tmp_path / _io.LOCK_NAME).exists()
 
 
+@pytest.mark.usefixtures("default_sigint")
 def test_stop_request_is_a_flag_then_an_abort():
     previous = signal.getsignal(signal.SIGINT)
     with StopRequest() as stop:
@@ -114,6 +117,16 @@ def test_stop_request_is_a_flag_then_an_abort():
             for _ in range(1000):  # (delivered at the next bytecode boundary)
                 pass
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_stop_request_leaves_an_ignored_signal_ignored():
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not stop.check()
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def test_check_resume_lists_every_difference(tmp_path, capsys):

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import default_sigint  # noqa: F401  (fixture)
+
 from fastattn._io import CorruptFile, DirLock, DirLocked, read_jsonl
 from fastattn._training import ResumeMismatch
 from fastattn.music import data as D
@@ -100,6 +102,7 @@ def _interrupt_at(monkeypatch, point: str, nth: int):
         monkeypatch.setattr(M, "atomic_save", lambda obj, path: (fire(), real_save(obj, path)))
 
 
+@pytest.mark.usefixtures("default_sigint")
 @pytest.mark.parametrize("point,nth", [("forward", 2), ("forward", 6), ("optimizer", 4),
                                        ("validation", 3), ("checkpoint", 2)])
 def test_sigint_anywhere_resumes_bit_for_bit(tmp_path, monkeypatch, reference, point, nth):
@@ -120,6 +123,7 @@ def test_sigint_anywhere_resumes_bit_for_bit(tmp_path, monkeypatch, reference, p
     assert not list(out.glob(".*.tmp")) and not (out / "fastattn.lock").exists()
 
 
+@pytest.mark.usefixtures("default_sigint")
 def test_second_sigint_during_a_checkpoint_write_aborts_and_keeps_the_old_one(tmp_path, monkeypatch,
                                                                             reference):
     mc, out = tiny("note", dropout=0.2), tmp_path / "run"

@@ -12,6 +12,8 @@ from fastattn.sae import BinaryAutoencoder, TopKSAE, fvu, random_direction_data
 from fastattn.sae.entropy import binary_entropy_bits, entropy_from_counts, estimate_entropy_bits
 from fastattn.sae.stores import NpyStore, SafetensorsStore, TensorStore, open_store, write_shards
 from fastattn.sae.train import TrainConfig, load_checkpoint, train
+from helpers import default_sigint  # noqa: F401  (fixture)
+
 from fastattn._io import CorruptFile, DirLock, DirLocked, read_jsonl
 from fastattn._training import ResumeMismatch, TrainingInterrupted
 
@@ -260,6 +262,7 @@ def _sigint_at_step(monkeypatch, n):
     monkeypatch.undo = lambda u=monkeypatch.undo: (h.remove(), u())
 
 
+@pytest.mark.usefixtures("default_sigint")
 @pytest.mark.parametrize("model,at", [("topk", 8), ("bae", 7)])  # mid-window, mid-epoch
 def test_sigint_saves_at_the_step_boundary_and_resumes_bit_for_bit(tmp_path, monkeypatch, model, at):
     bench = _load_bench()
@@ -280,6 +283,7 @@ def test_sigint_saves_at_the_step_boundary_and_resumes_bit_for_bit(tmp_path, mon
     assert not (tmp_path / "part" / "fastattn.lock").exists()
 
 
+@pytest.mark.usefixtures("default_sigint")
 def test_cli_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     from fastattn.sae.cli import main
 
