@@ -2,6 +2,7 @@
 run as CLI subprocesses against one or more source trees; a before/after table.
 
     python bench/hostile_cases.py --tree BASE_TREE --tree . --out bench/results/hostile_cases.md
+    (BASE_TREE: e.g. `git archive 85301e4 | tar -x -C BASE_TREE` plus a copy of the built _C*.so)
 
 Each tree is put first on PYTHONPATH (it must hold a built ``fastattn/_C*.so``); each case
 records the exit code, whether a traceback was printed and the last line of output, plus a check
@@ -303,15 +304,21 @@ def run_tree(tree: Path, work: Path, skip_memory: bool) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tree", action="append", required=True, help="source tree (repeat: before, after)")
+    ap.add_argument("--tree", action="append", default=[], help="source tree (repeat: before, after)")
     ap.add_argument("--work", default="/tmp/fastattn_hostile")
     ap.add_argument("--out", default=None, help="Markdown table (a .json with the raw results next to it)")
+    ap.add_argument("--label", action="append", default=None, help="column title per --tree")
+    ap.add_argument("--from-json", default=None, help="render the table of an earlier run's .json")
     args = ap.parse_args(argv)
-    res = {}
-    for i, tree in enumerate(args.tree):
-        tree = Path(tree)
-        res[str(tree)] = run_tree(tree, Path(args.work) / f"tree{i}", skip_memory=tree.resolve() != ROOT)
-    head = "| class | case | " + " | ".join(f"`{t}`" for t in res) + " |"
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+    else:
+        res = {}
+        for i, tree in enumerate(args.tree):
+            tree = Path(tree)
+            res[str(tree)] = run_tree(tree, Path(args.work) / f"tree{i}", skip_memory=tree.resolve() != ROOT)
+    labels = args.label or [f"`{t}`" for t in res]
+    head = "| class | case | " + " | ".join(labels) + " |"
     rows = [head, "|" + "---|" * (2 + len(res))]
     for name, cls, what, _ in CASES:
         cells = []
@@ -329,7 +336,8 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(f"<!-- python bench/hostile_cases.py {' '.join(argv or sys.argv[1:])} -->\n"
                                   + table + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+        if not args.from_json:
+            Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
 
