@@ -2,21 +2,29 @@
 cache) of the music Transformer on tiny models."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import signal
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import default_sigint  # noqa: F401  (fixture)
+
+from fastattn._io import CorruptFile, DirLock, DirLocked, read_jsonl
+from fastattn._training import ResumeMismatch
 from fastattn.music import data as D
+from fastattn.music import train as M
 from fastattn.music import tokens as T
 from fastattn.music.generate import SamplingConfig, decode, generate, prompt_from_notes
 from fastattn.music.model import ModelConfig, MusicTransformer, config_dict
 from fastattn.music.synthetic import SyntheticConfig, synthetic_corpus
 from fastattn.music.train import (TrainConfig, _LossModule, evaluate_nll, load_checkpoint,
-                                  step_loss, train)
+                                  load_model, step_loss, train)
 
 CORPUS = synthetic_corpus(SyntheticConfig(n_songs=10, n_bars=17))
 
@@ -47,32 +55,150 @@ def _params(path):
     return load_checkpoint(path)["model"]
 
 
-def test_resume_is_bit_for_bit_and_ctrl_c_saves(tmp_path, monkeypatch):
-    mc = tiny("note", dropout=0.2)  # dropout on: the RNG state must be restored too
-    train(mc, tcfg(tmp_path / "a", max_steps=5), CORPUS)  # the uninterrupted run
-    # Interrupt at step 3 (KeyboardInterrupt from inside the loop), then resume to step 5.
-    real, calls = D.corpus_batch, {"n": 0}
+# ---------------------------------------------------------------------------------------------
+# Interrupts: real signals (os.kill on this process) at the points where a signal used to leave
+# an inconsistent checkpoint, each run resumed and compared bit for bit with an uninterrupted one.
+_bench = importlib.util.spec_from_file_location(
+    "sigint_resume", Path(__file__).resolve().parents[1] / "bench" / "sigint_resume.py")
+sigint_resume = importlib.util.module_from_spec(_bench)
+_bench.loader.exec_module(sigint_resume)
 
-    def flaky(*a, **k):
+RESUME_CFG = dict(max_steps=7, eval_every=3, eval_windows=6, patience=0, log_every=2)
+RESUME_CORPUS = synthetic_corpus(SyntheticConfig(n_songs=20, n_bars=18))  # 6 valid windows: 2 batches
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    train(tiny("note", dropout=0.2), tcfg(out, **RESUME_CFG), RESUME_CORPUS)  # dropout: RNG state matters
+    return sigint_resume.load_result("music", out)
+
+
+def _interrupt_at(monkeypatch, point: str, nth: int):
+    """Arrange for SIGINT to reach this process the ``nth`` time ``point`` is passed."""
+    calls = {"n": 0}
+
+    def fire(*_):
         calls["n"] += 1
-        if calls["n"] == 4 and a[1] == "train":
-            raise KeyboardInterrupt
-        return real(*a, **k)
+        if calls["n"] == nth:
+            os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(D, "corpus_batch", flaky)
-    r = train(mc, tcfg(tmp_path / "b", max_steps=5), CORPUS)
-    monkeypatch.setattr(D, "corpus_batch", real)
-    assert r.stopped == "interrupted" and load_checkpoint(tmp_path / "b" / "last.pt")["step"] == r.step
-    assert 0 < r.step < 5
-    resumed = train(mc, tcfg(tmp_path / "b", max_steps=5), CORPUS)
-    assert resumed.step == 5
-    a, b = _params(tmp_path / "a" / "last.pt"), _params(tmp_path / "b" / "last.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    oa = load_checkpoint(tmp_path / "a" / "last.pt")["optimizer"]["state"]
-    ob = load_checkpoint(tmp_path / "b" / "last.pt")["optimizer"]["state"]
-    assert all(torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"]) for i in oa)
-    # No temp files left behind by the atomic writes.
-    assert not [p for p in (tmp_path / "b").iterdir() if p.suffix == ".tmp"]
+    if point in ("forward", "validation"):
+        training = point == "forward"
+        real = MusicTransformer.loss_parts
+
+        def loss_parts(self, *a, **k):
+            if self.training == training:
+                fire()
+            return real(self, *a, **k)
+        monkeypatch.setattr(MusicTransformer, "loss_parts", loss_parts)
+    elif point == "optimizer":  # after opt.step(), before the step counter moves
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        handle = register_optimizer_step_post_hook(fire)
+        monkeypatch.undo = lambda h=handle, u=monkeypatch.undo: (h.remove(), u())
+    elif point == "checkpoint":
+        real_save = M.atomic_save
+        monkeypatch.setattr(M, "atomic_save", lambda obj, path: (fire(), real_save(obj, path)))
+
+
+@pytest.mark.usefixtures("default_sigint")
+@pytest.mark.parametrize("point,nth", [("forward", 2), ("forward", 6), ("optimizer", 4),
+                                       ("validation", 3), ("checkpoint", 2)])
+def test_sigint_anywhere_resumes_bit_for_bit(tmp_path, monkeypatch, reference, point, nth):
+    mc, out = tiny("note", dropout=0.2), tmp_path / "run"
+    _interrupt_at(monkeypatch, point, nth)
+    r = train(mc, tcfg(out, **RESUME_CFG), RESUME_CORPUS)
+    monkeypatch.undo()
+    assert r.stopped == "interrupted" and 0 < r.step < 7
+    ck = load_checkpoint(out / "last.pt")
+    # A validation due at the interrupted step is left to the resumed run (marked pending).
+    due = r.step % RESUME_CFG["eval_every"] == 0
+    assert ck["step"] == r.step and ck["pending_eval"] == (point == "validation" or
+                                                           point == "forward" and due)
+    # The log covers exactly the finished steps (and no record of the abandoned validation).
+    assert max(rec["step"] for rec in read_jsonl(out / "log.jsonl")) <= r.step
+    assert train(mc, tcfg(out, **RESUME_CFG), RESUME_CORPUS).step == 7
+    assert sigint_resume.differences(reference, sigint_resume.load_result("music", out)) == []
+    assert not list(out.glob(".*.tmp")) and not (out / "fastattn.lock").exists()
+
+
+@pytest.mark.usefixtures("default_sigint")
+def test_second_sigint_during_a_checkpoint_write_aborts_and_keeps_the_old_one(tmp_path, monkeypatch,
+                                                                            reference):
+    mc, out = tiny("note", dropout=0.2), tmp_path / "run"
+    real_save, calls = M.atomic_save, {"n": 0}
+
+    def save(obj, path):  # both signals arrive while the 3rd checkpoint is being written
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        real_save(obj, path)
+
+    monkeypatch.setattr(M, "atomic_save", save)
+    with pytest.raises(KeyboardInterrupt):
+        train(mc, tcfg(out, **RESUME_CFG), RESUME_CORPUS)
+    monkeypatch.undo()
+    assert load_checkpoint(out / "last.pt")["step"] == 3  # the previous checkpoint, whole
+    assert not list(out.glob(".*.tmp"))
+    with open(out / "log.jsonl", "ab") as f:  # and a log line cut short by the abort
+        f.write(b'{"step": 7, "tr')
+    assert train(mc, tcfg(out, **RESUME_CFG), RESUME_CORPUS).step == 7
+    assert sigint_resume.differences(reference, sigint_resume.load_result("music", out)) == []
+
+
+def test_resume_refuses_changed_settings_and_corrupt_checkpoints(tmp_path, capsys):
+    mc = tiny("note", dropout=0.0)
+    train(mc, tcfg(tmp_path, max_steps=2, eval_every=2), CORPUS)
+    for change in ({"seed": 1}, {"lr": 1e-3}, {"batch_size": 2}, {"eval_windows": 2}):
+        with pytest.raises(ResumeMismatch, match=f"{next(iter(change))}: .* in the checkpoint"):
+            train(mc, tcfg(tmp_path, max_steps=4, eval_every=2, **change), CORPUS)
+    other = synthetic_corpus(SyntheticConfig(n_songs=10, n_bars=17, seed=5))
+    with pytest.raises(ResumeMismatch, match="corpus_fingerprint"):
+        train(mc, tcfg(tmp_path, max_steps=4, eval_every=2), other)
+    capsys.readouterr()
+    assert train(mc, tcfg(tmp_path, max_steps=4, eval_every=2), CORPUS).step == 4  # may change
+    assert "max_steps changed from 2 to 4" in capsys.readouterr().err
+    (tmp_path / "last.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:1000])
+    with pytest.raises(CorruptFile, match=rf"{tmp_path / 'last.pt'}: unreadable.*--fresh"):
+        train(mc, tcfg(tmp_path, max_steps=4, eval_every=2), CORPUS)
+    with pytest.raises(CorruptFile, match="best.pt"):  # evaluate/generate: the file is named too
+        (tmp_path / "best.pt").write_bytes(b"junk")
+        load_model(tmp_path / "best.pt")
+    r = train(mc, tcfg(tmp_path, max_steps=2, eval_every=2), CORPUS, resume=False)  # --fresh
+    assert r.step == 2 and load_checkpoint(tmp_path / "last.pt")["step"] == 2
+    assert [rec["step"] for rec in read_jsonl(tmp_path / "log.jsonl")] == [1, 2, 2]
+    with DirLock(tmp_path, command="another run"):
+        with pytest.raises(DirLocked, match="another run"):
+            train(mc, tcfg(tmp_path, max_steps=4, eval_every=2), CORPUS)
+
+
+def test_no_validation_windows_means_no_validation(tmp_path, capsys):
+    no_valid = D.WindowCorpus(CORPUS.songs, CORPUS.names,
+                              {**CORPUS.windows, "valid": np.zeros((0, 2), np.int64)})
+    assert np.isnan(evaluate_nll(MusicTransformer(tiny()), no_valid, "valid")["loss"])
+    r = train(tiny(dropout=0.0), tcfg(tmp_path, max_steps=4, eval_every=2, patience=1), no_valid)
+    assert "no validation windows" in capsys.readouterr().err
+    assert r.stopped == "max_steps" and r.step == 4  # patience 1 does not stop it
+    assert np.isnan(r.best_val) and r.history == [] and not (tmp_path / "best.pt").exists()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 4
+    assert not any("val_loss" in rec for rec in read_jsonl(tmp_path / "log.jsonl"))
+
+
+def test_cli_train_without_validation_windows_says_so(tmp_path, capsys):
+    from fastattn.music.cli import main
+
+    (tmp_path / "midi").mkdir()
+    for k in range(4):  # 4 songs split 80/10/10: 3 train, 0 valid, 1 test
+        T.write_midi(np.array([[b, 12 * k, 2, 60 + k, 12] for b in range(20)]),
+                     tmp_path / "midi" / f"s{k}.mid")
+    assert main(["train", "--data", str(tmp_path / "midi"), "--cache", str(tmp_path / "cache"),
+                 "--layers", "1", "--dim", "16", "--heads", "2", "--ff", "16", "--max-len", "64",
+                 "--steps", "2", "--eval-every", "1", "--batch-size", "2", "--no-progress",
+                 "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "no validation set (0 validation windows)" in out and "0.0000" not in out
 
 
 def _ddp_worker(rank, world, init_file, out_dir, batch_idx):

@@ -25,12 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fastattn import _io
 from fastattn.music import tokens as T
 from fastattn.music.data import WindowCorpus, split_songs, windows_of, SPLITS
 
@@ -87,6 +87,10 @@ def load_score(path: Path):
         raise SkipSong(f"unreadable MIDI: {type(e).__name__}: {str(e)[:100]}") from None
     if score.note_num() == 0:
         raise SkipSong("no notes")
+    try:
+        T.check_song_length(score)
+    except ValueError as e:
+        raise SkipSong(f"too long: {e}") from None
     return score
 
 
@@ -157,16 +161,8 @@ def _fingerprint(files: Sequence[Path]) -> List[Tuple[str, int, int]]:
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _io.atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 def _to_arrays(c: WindowCorpus) -> dict:
@@ -215,8 +211,13 @@ def load_midi_folder(root, *, seed: int = 0, window_bars: int = T.N_BARS,
                                    window_bars, _fingerprint(files)]).encode()).hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir()) / f"{root.name}-{key}.npz"
     if use_cache and cache.exists():
-        with np.load(cache, allow_pickle=False) as z:
-            return _from_arrays(z)
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                return _from_arrays(z)
+        except Exception as e:  # damaged zip, bad CRC, missing member, bad metadata, …
+            _io.notice(f"prepared-data cache {cache} is unreadable ({type(e).__name__}: "
+                       f"{str(e)[:120]}); rebuilding it")
+            cache.unlink(missing_ok=True)
 
     kept, names, bar_ok, skipped = [], [], [], {}
     stats = dict(bars=0, bars_4beat=0, windows_4beat=0, windows_dropped_empty_bar=0)

@@ -406,8 +406,27 @@ def through_midi(notes, **kw) -> np.ndarray:
     return score_to_notes(symusic.Score.from_midi(notes_to_score(notes, **kw).dumps_midi()))
 
 
+# Longer "songs" are damaged or hostile files (a 20-byte MIDI can hold a note at tick 2^28):
+# checked before anything is allocated per bar. 10,000 4/4 bars are 5.5 hours at 120 bpm.
+MAX_SONG_BARS = 10_000
+
+
+def check_song_length(score) -> None:
+    """ValueError when a ``symusic.Score`` has a note starting beyond ``MAX_SONG_BARS`` 4/4 bars."""
+    tpq = max(int(score.ticks_per_quarter), 1)
+    last = max((int(t.notes.numpy()["time"].max()) for t in score.tracks if len(t.notes)), default=0)
+    if last >= MAX_SONG_BARS * 4 * tpq:
+        raise ValueError(f"a note starts at tick {last:,} = bar {last // (4 * tpq):,}, beyond the "
+                         f"{MAX_SONG_BARS:,}-bar limit (a damaged file?)")
+
+
 def read_midi(path) -> np.ndarray:
     """A MIDI file written by ``write_midi`` (or any 4/4 MIDI starting on a downbeat) → piece."""
     import symusic
 
-    return score_to_notes(symusic.Score(str(path)))
+    score = symusic.Score(str(path))
+    try:
+        check_song_length(score)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return score_to_notes(score)
