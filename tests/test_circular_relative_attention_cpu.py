@@ -46,11 +46,12 @@ def test_decode_op_matches_training_op(terms, per_head, dtype):
 
 def test_decode_op_strided_views_and_threads():
     """Coordinates, mask, k and v as views of larger buffers (a KV cache's storage) need no
-    copy; splitting the keys over threads gives the one-thread result to rounding."""
+    copy; splitting the keys over threads gives the one-thread result to rounding. The range
+    check of the coordinates reads the view, not the buffer's unused (out-of-range) tail."""
     q, k, v, onset, pitch, kw, _ = make_problem(B=1, H=2, Lq=2, Lk=3000, D=32, terms="all", grad=False)
     asm = assemble(q, 3000, onset, pitch, kw)
     cap = 3100
-    cbuf = torch.full((1, asm.coords.shape[1], cap), 7, dtype=torch.int32)
+    cbuf = torch.full((1, asm.coords.shape[1], cap), 2**31 - 1, dtype=torch.int32)
     cbuf[:, :, :3000] = asm.coords
     mbuf = torch.ones(1, cap, dtype=torch.bool)
     mbuf[:, :3000] = torch.rand(1, 3000) < 0.1
@@ -67,6 +68,9 @@ def test_decode_op_strided_views_and_threads():
             assert_close(f"{threads} threads", got, want, 2e-5)
     finally:
         torch.set_num_threads(before)
+    cbuf[0, -1, 2999] = 2**30 + 1
+    with pytest.raises(RuntimeError, match="coords values"):
+        decode_op(q, kbuf[:, :, :3000], vbuf[:, :, :3000], asm, 1.0, 0.2, True, None, coords=cbuf[:, :, :3000])
 
 
 def test_decode_op_rejects_bad_layouts():

@@ -249,7 +249,8 @@ at::Tensor cra_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
   const auto coords_view = at::from_blob(coords.data_ptr(), coords.sizes(), coords.options());
   std::optional<at::Tensor> kpm_view;
   if (kpm.has_value()) kpm_view = at::from_blob(kpm->data_ptr(), kpm->sizes(), kpm->options());
-  const CraProblem p = cra_make_problem(q, k, v, table_view, coords_view, terms, alpha, scale, causal, kpm_view, 0.0, 0);
+  const CraProblem p = cra_make_problem(q, k, v, table_view, coords_view, terms, alpha, scale, causal, kpm_view, 0.0, 0,
+                                        &coords);
   const Layout L = layout_of(p);
   auto out = at::empty_like(q);
   const int64_t BH = (int64_t)p.B * p.H, nq = BH * p.Lq;

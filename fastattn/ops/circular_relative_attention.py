@@ -18,6 +18,7 @@ from fastattn.backends import dtype_device_reason, select, triton_reason
 from fastattn.ops import _cra_terms
 from fastattn.ops._dropout import new_seed
 from fastattn.reference.circular_relative_attention import circular_relative_attention as _reference_op
+from fastattn.reference.raw_terms import circular_relative_attention_raw as _raw_reference
 
 OP = "circular_relative_attention"
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -42,11 +43,26 @@ def backward_with(kernel):
     def _backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse, table, coords, kpm = ctx.saved_tensors
         terms, alpha, scale, causal, dropout_p, seed = ctx.args
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's gradients are not differentiable
+            return _backward_graph(ctx, grad_out, q, k, v, table, coords, kpm) + (None,) * 8
         dq, dk, dv, dtable = kernel(grad_out.contiguous(), q, k, v, out, lse, table, coords, terms,
                                     alpha, scale, causal, kpm, dropout_p, seed)
         # One gradient per op input: q, k, v, table, then eight non-differentiable arguments.
         return (dq, dk, dv, dtable) + (None,) * 8
     return _backward
+
+
+def _backward_graph(ctx, grad_out, q, k, v, table, coords, kpm):
+    """(dq, dk, dv, dtable) as differentiable functions of the inputs and grad_out, so that double
+    backward is exact: autograd through the op's plain-PyTorch formulation (fastattn.reference.
+    raw_terms; it materialises [B, H, Lq, Lk] logits, acceptable for higher-order use)."""
+    terms, alpha, scale, causal, dropout_p, seed = ctx.args
+    inputs = (q, k, v, table)
+    wanted = [x for x, need in zip(inputs, ctx.needs_input_grad[:4]) if need]
+    with torch.enable_grad():
+        out = _raw_reference(q, k, v, table, coords, terms, alpha, scale, causal, kpm, dropout_p, seed)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:4])
 
 
 def _fwd_fake(q, k, v, table, coords, terms, alpha, scale, causal, key_padding_mask, dropout_p, seed):
@@ -137,7 +153,7 @@ def decode_op(q: Tensor, k: Tensor, v: Tensor, table_t: Tensor, coords: Tensor, 
 
 def cached_decode(q: Tensor, cache, new_coords: dict, kw: dict, *, combine: str, time_mode: str,
                   alpha: float, causal: bool, key_padding_mask: Optional[Tensor] = None,
-                  backend: str = "auto") -> Optional[Tensor]:
+                  backend: str = "auto", op_coordinates: Optional[tuple] = None) -> Optional[Tensor]:
     """Attention of the cache's last Lq tokens (queries q [B, H, Lq, D]) over a KV cache that
     already holds them, by the cpp decoding op; None where that path does not apply (another
     backend, gradients needed, too many queries), and the caller then runs the public op.
@@ -147,15 +163,18 @@ def cached_decode(q: Tensor, cache, new_coords: dict, kw: dict, *, combine: str,
     ``key_padding_mask`` their mask, validated here; ``kw``: the op's table and integer term
     arguments as in ``circular_relative_attention``. Per step this converts only the new tokens'
     coordinate channels (kept in the cache), reuses the transposed assembled table while the
-    tables hold the same values, and makes one kernel call.
+    tables hold the same values, and makes one kernel call. ``op_coordinates`` = (key, fn):
+    the cache stores coordinates that ``fn(name -> [B, n]) -> name -> [B, n]`` turns into the
+    op's (``new_coords`` are already converted); ``key`` names that conversion.
     """
     if q.shape[2] > DECODE_MAX_LQ or torch.compiler.is_compiling() or _selected(backend, q) != "cpp":
         return None
     if not _cra_terms.cacheable([kw[n] for n in _cra_terms.TABLE_ARGS if kw[n] is not None] + [q]):
         return None
     lay = _cra_terms.layout(kw, combine, time_mode, q.shape[1])
-    if any(getattr(cache, ch.coord, None) is None for ch in lay.channels):
-        return None  # the cache does not store a coordinate these terms read
+    if any(new_coords.get(ch.coord) is None for ch in lay.channels):
+        return None  # the op's own checks name the missing coordinate
+    convert_key, convert = op_coordinates if op_coordinates is not None else (None, lambda c: c)
 
     def check():  # every argument, whenever the tables are (re)built (shapes and dtypes included)
         new = {n: new_coords.get(n) for n in _cra_terms.COORD_ARGS}
@@ -166,8 +185,8 @@ def cached_decode(q: Tensor, cache, new_coords: dict, kw: dict, *, combine: str,
     B = q.shape[0]
     # Each token's coordinates are range-checked once, when its channels are made.
     limits = _cra_terms.coordinate_limits(kw["bar_res"])
-    coords = cache.derived(("circular_relative_attention", tuple(lay.channels)),
-                           lambda c, n: _cra_terms.token_channels(lay, c, B, n, q.device, limits))
+    coords = cache.derived(("circular_relative_attention", tuple(lay.channels), convert_key),
+                           lambda c, n: _cra_terms.token_channels(lay, convert(c), B, n, q.device, limits))
     return decode_op(q, cache.k, cache.v, table_t, coords, lay.terms, alpha, q.shape[-1] ** -0.5, causal,
                      cache.key_padding_mask)
 
