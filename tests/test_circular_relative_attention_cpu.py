@@ -122,11 +122,22 @@ def _decode(m, x, onset, pitch, cache=None):
                           for i in range(x.shape[1])], 1), cache
 
 
-def test_module_decoding_uses_the_cached_path(monkeypatch):
+@pytest.mark.parametrize("convention", ["slides", "authors"])
+def test_module_decoding_uses_the_cached_path(monkeypatch, convention):
     """Step by step decoding takes one decoding-op call per step and layer, converts each
-    token's coordinates once, and equals the full pass."""
-    m = _module()
+    token's coordinates once, and equals the full pass; in both conventions (the authors' one
+    reads bar/position fields and mirrors pitches)."""
+    m = _module(convention=convention)
     x, onset, pitch = _notes(20)
+    if convention == "authors":
+        fields = dict(bar=torch.where(onset < 0, -1, onset // 12), position=torch.where(onset < 0, -1, onset % 12),
+                      pitch=pitch)
+    else:
+        fields = dict(onset=onset, pitch=pitch)
+
+    def run(lo, hi, cache=None):
+        return m(x[:, lo:hi], kv_cache=cache, **{n: t[:, lo:hi] for n, t in fields.items()})
+
     calls = {"decode": 0, "channels": 0}
     real_decode, real_channels = cached_decode.__globals__["decode_op"], _cra_terms.token_channels
 
@@ -140,15 +151,16 @@ def test_module_decoding_uses_the_cached_path(monkeypatch):
 
     monkeypatch.setitem(cached_decode.__globals__, "decode_op", count_decode)
     monkeypatch.setattr(_cra_terms, "token_channels", count_channels)
-    got, cache = _decode(m, x, onset, pitch)
+    cache = m.new_kv_cache(2, capacity=3)
+    with torch.no_grad():
+        got = torch.cat([run(i, i + 1, cache) for i in range(20)], 1)
     assert calls == {"decode": 20, "channels": 20}
     with torch.no_grad():
-        assert_close("decode", got, m(x, onset, pitch), 1e-5)
+        assert_close("decode", got, run(0, 20), 1e-5)
     cache.truncate(12)  # drop 8 tokens and decode them again: their channels are rebuilt
     calls["channels"] = 0
     with torch.no_grad():
-        again = torch.cat([m(x[:, i:i + 1], onset[:, i:i + 1], pitch[:, i:i + 1], kv_cache=cache)
-                           for i in range(12, 20)], 1)
+        again = torch.cat([run(i, i + 1, cache) for i in range(12, 20)], 1)
     assert_close("after truncate", again, got[:, 12:], 1e-6)
     assert calls["channels"] == 8
 
