@@ -185,7 +185,8 @@ class DecodeCache:
         self.cache = KVCache(B, H, D, capacity=Lk + 1, dtype=inp.k.dtype, device=inp.k.device)
         self.extra = {n: inp.options[n] for n in ("bar", "position") if n in inp.options}
         with torch.no_grad():
-            self.cache.append(inp.k[:, :, :-1], inp.v[:, :, :-1], inp.onset[:, :-1], inp.pitch[:, :-1])
+            self.cache.append(inp.k[:, :, :-1], inp.v[:, :, :-1], inp.onset[:, :-1], inp.pitch[:, :-1],
+                              **{n: t[:, :-1] for n, t in self.extra.items()})
 
     def new_coords(self) -> dict:
         return {"onset": self.inp.onset[:, -1:], "pitch": self.inp.pitch[:, -1:],
@@ -193,7 +194,8 @@ class DecodeCache:
 
     def step(self, attend):
         c, inp = self.cache, self.inp
-        c.append(inp.k[:, :, -1:], inp.v[:, :, -1:], inp.onset[:, -1:], inp.pitch[:, -1:])
+        c.append(inp.k[:, :, -1:], inp.v[:, :, -1:], inp.onset[:, -1:], inp.pitch[:, -1:],
+                 **{n: t[:, -1:] for n, t in self.extra.items()})
         try:
             return attend(c)
         finally:

@@ -174,6 +174,8 @@ def cached_decode(q: Tensor, cache, new_coords: dict, kw: dict, *, combine: str,
     lay = _cra_terms.layout(kw, combine, time_mode, q.shape[1])
     if any(new_coords.get(ch.coord) is None for ch in lay.channels):
         return None  # the op's own checks name the missing coordinate
+    if op_coordinates is None and any(getattr(cache, ch.coord, None) is None for ch in lay.channels):
+        return None  # the cache does not store a coordinate these terms read
     convert_key, convert = op_coordinates if op_coordinates is not None else (None, lambda c: c)
 
     def check():  # every argument, whenever the tables are (re)built (shapes and dtypes included)
