@@ -11,7 +11,8 @@ ticks, so bars advance) and pitches 21..108 — no dataset is needed to time ste
 
 Rows per variant (Attn, RelAttn, RIPO, CirRelAttn, CirRelAttn-H through fastattn's op, and
 "Attn-sdpa": the same model with vanilla attention by F.scaled_dot_product_attention):
-- train: one optimizer step (forward, the six field losses, backward, AdamW), median of --steps;
+- train: one optimizer step (forward, the six field losses, backward, AdamW), median of --steps,
+  the variants' steps interleaved round-robin;
 - generate: --gen-notes new notes after a --gen-prompt note prompt, one note per forward (greedy
   over each field's logits), with the per-layer KV cache and without it (every step re-runs the
   whole sequence); notes/s for both.
@@ -42,7 +43,7 @@ from fastattn.nn import VARIANTS  # noqa: E402
 sys.path.insert(0, str(REPO / "bench"))
 from bench_circular_relative_attention import append_rows, device_name, versions  # noqa: E402
 
-COLUMNS = ("variant", "what", "layers", "width", "heads", "batch", "notes", "dropout", "value", "unit", "ms",
+COLUMNS = ("variant", "what", "layers", "width", "heads", "batch", "notes", "dropout", "convention", "value", "unit", "ms",
            "device", "threads", "load1", "clock", "commit", "date")
 SDPA = "Attn-sdpa"
 
@@ -57,7 +58,7 @@ class SDPAAttention(nn.Module):
         self.in_proj, self.out_proj, self.dropout = like.in_proj, like.out_proj, like.dropout
         self.new_kv_cache = like.new_kv_cache
 
-    def forward(self, x, onset=None, pitch=None, key_padding_mask=None, kv_cache=None):
+    def forward(self, x, onset=None, pitch=None, key_padding_mask=None, kv_cache=None, bar=None, position=None):
         B, L, E = x.shape
         q, k, v = self.in_proj(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         mask, causal = None, True
@@ -77,12 +78,17 @@ def build(variant: str, args) -> MusicTransformer:
     torch.manual_seed(0)
     cfg = ModelConfig(representation="note", variant="Attn" if variant == SDPA else variant, n_layer=args.layers,
                       d_model=args.width, n_head=args.heads, d_ff=4 * args.width, dropout=args.dropout,
-                      max_len=max(args.notes, args.gen_prompt + args.gen_notes))
+                      max_len=max(args.notes, args.gen_prompt + args.gen_notes), convention=args.convention)
     model = MusicTransformer(cfg)
     if variant == SDPA:
         for block in model.blocks:
             block.attn = SDPAAttention(block.attn)
     return model
+
+
+def coords(onset, pitch) -> dict:
+    """Every coordinate the attention may read (each convention takes its own)."""
+    return dict(onset=onset, pitch=pitch, bar=onset // T.BAR_RES, position=onset % T.BAR_RES)
 
 
 def random_notes(B: int, L: int, seed: int = 0):
@@ -101,25 +107,34 @@ def now(args) -> float:
     return time.process_time() if args.clock == "cpu" else time.perf_counter()
 
 
-def time_training(model, args) -> list:
+def training_step(model, args):
+    """One optimizer step of ``model`` on fixed random notes (a closure)."""
     tok, onset, pitch = random_notes(args.batch, args.notes + 1)
     x, y = tok[:, :-1], tok[:, 1:]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model.train()
 
     def step():
+        model.train()
         opt.zero_grad(set_to_none=True)
-        loss = loss_from_parts(model.loss_parts(x, y, onset[:, :-1], pitch[:, :-1]))
+        loss = loss_from_parts(model.loss_parts(x, y, **coords(onset[:, :-1], pitch[:, :-1])))
         loss.backward()
         opt.step()
+    return step
 
+
+def time_training(models: dict, args) -> dict:
+    """variant -> [ms per step]: the variants' steps interleaved round-robin (one step of each
+    per round), so that load from other processes falls on all of them alike."""
+    steps = {v: training_step(m, args) for v, m in models.items()}
     for _ in range(args.warmup):
-        step()
-    times = []
+        for step in steps.values():
+            step()
+    times = {v: [] for v in steps}
     for _ in range(args.steps):
-        t0 = now(args)
-        step()
-        times.append((now(args) - t0) * 1e3)
+        for v, step in steps.items():
+            t0 = now(args)
+            step()
+            times[v].append((now(args) - t0) * 1e3)
     return times
 
 
@@ -139,7 +154,7 @@ def time_generation(model, args, use_cache: bool) -> float:
         if use_cache:
             x, on, pi = x[:, fed:], on[:, fed:], pi[:, fed:]
             fed = sum(t.shape[1] for t in toks)
-        logits = model(x, on, pi, caches)
+        logits = model(x, caches=caches, **coords(on, pi))
         nxt = torch.stack([lg[:, -1].argmax(-1) for lg in logits], -1)[:, None]  # [1, 1, 6]
         nxt[..., 0] = T.TYPE_NOTE
         last = int(ons[-1][0, -1])
@@ -167,6 +182,8 @@ def main(argv=None):
     p.add_argument("--gen-prompt", type=int, default=256)
     p.add_argument("--gen-notes", type=int, default=64)
     p.add_argument("--no-uncached", action="store_true", help="skip generation without the KV cache")
+    p.add_argument("--convention", choices=("authors", "slides"), default="authors",
+                   help="the attention's convention (the model's default: authors, fields mode)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 step, 8 generated notes")
@@ -180,13 +197,13 @@ def main(argv=None):
             "load1": f"{os.getloadavg()[0]:.1f}",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     shape = dict(layers=args.layers, width=args.width, heads=args.heads, batch=args.batch, notes=args.notes,
-                 dropout=args.dropout)
+                 dropout=args.dropout, convention=args.convention)
     print(f"music model {shape}; {meta['device']}, commit {meta['commit']}, load {meta['load1']}")
     rows = []
-    for variant in args.variants:
-        model = build(variant, args)
-        times = time_training(model, args)
-        ms = statistics.median(times)
+    models = {v: build(v, args) for v in args.variants}
+    train_times = time_training(models, args)
+    for variant, model in models.items():
+        ms = statistics.median(train_times[variant])
         gen = time_generation(model, args, True)
         row = {**shape, "variant": variant, "device": meta["device"], "threads": meta["threads"],
                "load1": meta["load1"], "clock": args.clock, "commit": meta["commit"], "date": meta["date"]}
