@@ -68,10 +68,10 @@ def decode_workloads(args):
 
 
 def train_workloads(args):
-    from bench_music_model import SDPA, build, random_notes
+    from bench_music_model import SDPA, build, coords, random_notes
     from fastattn.music.model import loss_from_parts
     shape = argparse.Namespace(layers=2, width=128, heads=4, notes=args.train_notes, gen_prompt=1, gen_notes=1,
-                               dropout=0.1)
+                               dropout=0.1, convention="authors")
     tok, onset, pitch = random_notes(8, args.train_notes + 1)
     out = {}
     for variant, provider in (("CirRelAttn-H", "cpp"), (SDPA, "sdpa")):
@@ -80,7 +80,7 @@ def train_workloads(args):
 
         def run(model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
-            loss_from_parts(model.loss_parts(tok[:, :-1], tok[:, 1:], onset[:, :-1], pitch[:, :-1])).backward()
+            loss_from_parts(model.loss_parts(tok[:, :-1], tok[:, 1:], **coords(onset[:, :-1], pitch[:, :-1]))).backward()
             opt.step()
         out[("train", provider)] = run
     return out
