@@ -10,8 +10,9 @@ D=32, causal, index + time + pitch, Hadamard, paper tables; see bench_circular_r
 
 - decode B=2 / B=16, Lk=4096: one generation step through a KV cache holding Lk - 1 tokens
   (append, attend, truncate): cpp's cached path, SDPA (no relative terms) and the reference on
-  the same cache. Targets: cpp <= 2x SDPA and >= 3x faster than the reference (B=2); B=16
-  cpp <= 2x SDPA.
+  the same cache, and "read_kv" (summing a cache-sized K and V: the memory-bandwidth floor of any
+  step, as every contender reads them once). Targets: cpp <= 2x SDPA and >= 3x faster than the
+  reference (B=2); B=16 cpp <= 2x SDPA.
 - fwd_bwd L=1024 / 2048: forward + backward of cpp in quotient and fields mode and of SDPA.
   Targets: cpp <= 2x SDPA; fields within 10% of quotient.
 
@@ -53,6 +54,12 @@ def decode_step(provider: str, B: int, Lk: int, time_mode: str = "quotient"):
     return run
 
 
+def read_kv(B: int, Lk: int):
+    """The bandwidth floor of a decoding step: read a cache-sized K and V once."""
+    k, v = torch.randn(B, 8, Lk, 32), torch.randn(B, 8, Lk, 32)
+    return lambda: (k.sum(), v.sum())
+
+
 def fwd_bwd(provider: str, L: int, time_mode: str = "quotient"):
     cfg = Config(provider, "fwd_bwd", B=2, H=8, Lq=L, Lk=L, D=32, time_mode=time_mode)
     inp = make_inputs(cfg, True)
@@ -84,7 +91,8 @@ def groups(args):
     Lk = args.decode_Lk
     yield (f"decode B=2 Lk={Lk}",
            {"cpp": lambda: decode_step("cpp", 2, Lk), "cpp_fields": lambda: decode_step("cpp", 2, Lk, "fields"),
-            "sdpa": lambda: decode_step("sdpa", 2, Lk), "reference": lambda: decode_step("reference", 2, Lk)},
+            "sdpa": lambda: decode_step("sdpa", 2, Lk), "reference": lambda: decode_step("reference", 2, Lk),
+            "read_kv": lambda: read_kv(2, Lk)},
            [("cpp <= 2x sdpa", "cpp", "sdpa", 2.0), ("fields cpp <= 2x sdpa", "cpp_fields", "sdpa", 2.0),
             ("reference >= 3x cpp", "cpp", "reference", 1 / 3)])
     yield (f"decode B=16 Lk={Lk}",
