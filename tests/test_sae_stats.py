@@ -1,14 +1,12 @@
-"""Burstiness, top-10 active features, the 1-bit flip codec, frequency statistics, SAELens I/O."""
+"""Burstiness, top-10 active features, the 1-bit flip codec, frequency statistics (SAELens I/O: test_saelens.py)."""
 from __future__ import annotations
 
 import json
 import math
 
-import pytest
 import torch
 
 from fastattn.sae import BinaryAutoencoder, TopKSAE
-from fastattn.sae.saelens import load_saelens, save_saelens
 from fastattn.sae.stats import (burstiness, decode_flips, encode_flips, feature_frequencies, frequency_histogram,
                                 top_active_features)
 
@@ -78,43 +76,3 @@ def test_feature_frequencies_and_histogram(tmp_path):
     frequency_histogram({"topk": s, "bae": b}, str(tmp_path / "h.png"))
     assert (tmp_path / "h.png").stat().st_size > 1000
     assert json.loads(json.dumps(s.as_dict()))["latents"] == 40
-
-
-@pytest.mark.parametrize("normalize", [False, True])
-def test_saelens_round_trip(tmp_path, normalize):
-    from safetensors.torch import load_file
-
-    torch.manual_seed(0)
-    sae = TopKSAE(12, 50, 5, normalize_input=normalize)
-    with torch.no_grad():
-        sae.b_enc.normal_()
-        sae.b_pre.normal_()
-    save_saelens(sae, tmp_path)
-    cfg = json.loads((tmp_path / "cfg.json").read_text())
-    assert cfg["d_in"] == 12 and cfg["d_sae"] == 50 and cfg["activation_fn_kwargs"] == {"k": 5}
-    t = load_file(str(tmp_path / "sae_weights.safetensors"))
-    assert t["W_enc"].shape == (12, 50) and t["W_dec"].shape == (50, 12) and t["b_dec"].shape == (12,)
-    x = torch.randn(20, 12) * 3
-    # the SAELens forward written from the saved tensors alone
-    xs, scale = x, torch.ones(20, 1)
-    if normalize:
-        scale = x.norm(dim=-1, keepdim=True) / 12 ** 0.5
-        xs = x / scale
-    z = (xs - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
-    top = z.topk(5, dim=-1)
-    acts = torch.zeros_like(z).scatter(-1, top.indices, top.values.relu())
-    want = (acts @ t["W_dec"] + t["b_dec"]) * scale
-    loaded = load_saelens(tmp_path)
-    assert loaded.normalize_input == normalize and loaded.k == 5
-    with torch.no_grad():
-        assert torch.allclose(loaded(x).x_hat, want, atol=1e-5)
-        assert torch.allclose(sae(x).x_hat, want, atol=1e-5)
-
-
-def test_saelens_rejects_other_architectures(tmp_path):
-    save_saelens(TopKSAE(4, 8, 2), tmp_path)
-    cfg = json.loads((tmp_path / "cfg.json").read_text())
-    cfg.update(architecture="standard", activation_fn_str="relu")
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="not a TopK SAE"):
-        load_saelens(tmp_path)
