@@ -27,6 +27,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aux-k", type=int, default=None)
     p.add_argument("--aux-coef", type=float, default=d.aux_coef)
     p.add_argument("--dead-tokens", type=int, default=d.dead_tokens)
+    p.add_argument("--init-b-pre", choices=("geometric_median", "mean", "zeros"), default=d.init_b_pre,
+                   help="TopK: b_pre before step 0 from a data sample (encoder = decoderᵀ)")
     p.add_argument("--ste", choices=("reference", "identity", "sigmoid"), default=d.ste)
     p.add_argument("--recon", choices=("mse", "l2"), default=d.recon)
     p.add_argument("--alpha-entropy", type=float, default=d.alpha_entropy)
@@ -48,7 +50,8 @@ def _config(args, **over):
     from fastattn.sae.train import TrainConfig
 
     kw = dict(model=args.model, n_latents=args.latents, k=args.k, normalize_input=args.normalize_input,
-                       aux_k=args.aux_k, aux_coef=args.aux_coef, dead_tokens=args.dead_tokens, ste=args.ste,
+                       aux_k=args.aux_k, aux_coef=args.aux_coef, dead_tokens=args.dead_tokens,
+                       init_b_pre=args.init_b_pre, ste=args.ste,
                        recon=args.recon, alpha_entropy=args.alpha_entropy, alpha_cov=args.alpha_cov,
                        entropy_off_epochs=args.entropy_off_epochs, lr=args.lr, batch_size=args.batch_size,
                        epochs=args.epochs, max_steps=args.max_steps, seed=args.seed, log_every=args.log_every,

@@ -29,6 +29,7 @@ from fastattn.sae.modules import DEAD_TOKENS, DENSE_FREQUENCY, BinaryAutoencoder
 from fastattn.sae.stores import ActivationStore
 
 CHECKPOINT = "checkpoint.pt"
+INIT_SAMPLE_ROWS = 4096  # rows for the TopK initialisation's b_pre statistic
 METRICS = "metrics.jsonl"
 
 
@@ -48,6 +49,9 @@ class TrainConfig:
     """TopK: AuxK loss weight."""
     dead_tokens: int = DEAD_TOKENS
     """TopK: tokens without firing after which a latent is dead."""
+    init_b_pre: str = "geometric_median"
+    """TopK: before step 0, b_pre from the first INIT_SAMPLE_ROWS rows of the data ("geometric_median",
+    Gao et al.; "mean", sparsify; "zeros") and encoder = decoderᵀ (TopKSAE.init_from_data)."""
     ste: str = "reference"
     """BAE: straight-through estimator ("reference", "identity", "sigmoid")."""
     recon: str = "mse"
@@ -91,6 +95,16 @@ def build_model(cfg: TrainConfig, d_in: int):
                                  alpha_entropy=cfg.alpha_entropy, alpha_cov=cfg.alpha_cov,
                                  backend=cfg.backend, device=cfg.device)
     raise ValueError(f"model must be 'topk' or 'bae', got {cfg.model!r}")
+
+
+def init_sample(store: ActivationStore, cfg: TrainConfig) -> torch.Tensor:
+    """[<= INIT_SAMPLE_ROWS, d] the first rows of epoch 0's plan, the same on every rank."""
+    rows = []
+    for x in store.batches(cfg.batch_size, 0, cfg.seed, rank=0, world=1):
+        rows.append(x)
+        if sum(r.shape[0] for r in rows) >= INIT_SAMPLE_ROWS:
+            break
+    return torch.cat(rows)[:INIT_SAMPLE_ROWS].to(cfg.device)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -167,6 +181,7 @@ def train(cfg: TrainConfig, store: ActivationStore, *, resume: bool = True):
         metrics_path.unlink()
     if cfg.model == "topk" and step == 0:
         model.set_decoder_norm_to_unit_norm()
+        model.init_from_data(init_sample(store, cfg), b_pre=cfg.init_b_pre)
     wrapped = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
