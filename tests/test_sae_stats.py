@@ -7,8 +7,8 @@ import math
 import torch
 
 from fastattn.sae import BinaryAutoencoder, TopKSAE
-from fastattn.sae.stats import (burstiness, decode_flips, encode_flips, feature_frequencies, frequency_histogram,
-                                top_active_features)
+from fastattn.sae.stats import (burstiness, decode_flips, encode_flips, feature_activity, feature_frequencies,
+                                frequency_histogram, top_active_features)
 
 
 def test_burstiness_hand_made():
@@ -76,3 +76,60 @@ def test_feature_frequencies_and_histogram(tmp_path):
     frequency_histogram({"topk": s, "bae": b}, str(tmp_path / "h.png"))
     assert (tmp_path / "h.png").stat().st_size > 1000
     assert json.loads(json.dumps(s.as_dict()))["latents"] == 40
+
+
+def _bae_emitting(codes: torch.Tensor) -> tuple:
+    """A BAE whose code of input row i is codes[i] (encoder = identity, bias −0.5)."""
+    n = codes.shape[1]
+    bae = BinaryAutoencoder(n, n)
+    with torch.no_grad():
+        bae.encoder.weight.copy_(torch.eye(n))
+        bae.encoder.bias.fill_(-0.5)
+    return bae, codes.float()
+
+
+def test_feature_activity_minority_state_hand_made():
+    # 20 tokens, 6 latents: always 1, never 1, 1 on 19 tokens, 1 on 10, 1 on 1, 1 on 3.
+    codes = torch.zeros(20, 6)
+    codes[:, 0] = 1
+    codes[:19, 2] = 1
+    codes[:10, 3] = 1
+    codes[5, 4] = 1
+    codes[[2, 7, 11], 5] = 1
+    bae, x = _bae_emitting(codes)
+    a = feature_activity(bae, list(x.split(7)), top=2)
+    assert torch.allclose(a.state_rate, torch.tensor([1, 0, 0.95, 0.5, 0.05, 0.15], dtype=torch.float64))
+    assert torch.allclose(a.minority_rate, torch.tensor([0, 0, 0.05, 0.5, 0.05, 0.15], dtype=torch.float64))
+    d = a.as_dict(dense=0.1, min_tokens=3)
+    # dead: latents 0 and 1 never leave their state (latent 0 is 1 everywhere: as dead as latent 1)
+    assert (d["dead"], d["ever_active"], d["dense"], d["dense_state_1"]) == (2, 4, 2, 4)
+    assert a.state_on_per_token == float(codes.sum()) / 20
+    assert a.minority_per_token == (1 + 10 + 1 + 3) / 20  # token 19's 0 on latent 2, then the rare 1s
+    # top-2 by β = log2(|h − p| + 1e-6), ties to the lower index: token 5 has latent 4's rare 1
+    # (|1 − 0.05|) then latent 5's 0 (|0 − 0.15|)... recomputed here from the definition
+    beta = torch.log2((codes.double() - a.state_rate).abs() + 1e-6)
+    want = torch.zeros(6, dtype=torch.long)
+    for row in beta:
+        want[torch.sort(row, descending=True, stable=True).indices[:2]] += 1
+    assert torch.equal(a.top_beta, want)
+    assert a.top_beta[4] == 1 and a.top_beta[2] >= 1  # latent 2's rare 0 (token 19) is a top activation
+    assert d["features_activated_top10_beta"] == int((want >= 3).sum())
+    assert a.top_value is None and "features_activated_top10_value" not in d
+
+
+def test_feature_activity_topk_same_rules():
+    torch.manual_seed(0)
+    sae = TopKSAE(8, 24, 3)
+    x = torch.randn(200, 8)
+    a = feature_activity(sae, lambda: x.split(64), top=2)
+    xs, _ = sae.preprocess(x)
+    v, i = sae.encode(xs)
+    fired = torch.zeros(200, 24, dtype=torch.bool).scatter_(1, i, v > 0)
+    assert torch.allclose(a.state_rate, fired.double().mean(0))
+    assert a.state_on_per_token == float(fired.sum()) / 200
+    want = torch.zeros(24, dtype=torch.long)  # top-2 by activation value (positive ones)
+    want += torch.bincount(i[:, :2][v[:, :2] > 0], minlength=24)
+    assert torch.equal(a.top_value, want)
+    d = a.as_dict()
+    assert d["dead"] == int((fired.sum(0) == 0).sum()) + int((fired.sum(0) == 200).sum())
+    assert d["dense"] == int((torch.minimum(a.state_rate, 1 - a.state_rate) > 0.1).sum())

@@ -29,7 +29,7 @@ from fastattn.sae.modules import DEAD_TOKENS, DENSE_FREQUENCY, BinaryAutoencoder
 from fastattn.sae.stores import ActivationStore
 
 CHECKPOINT = "checkpoint.pt"
-INIT_SAMPLE_ROWS = 4096  # rows for the TopK initialisation's b_pre statistic
+INIT_SAMPLE_ROWS = 4096  # rows for the initialisation statistics (TopK b_pre, BAE input centre)
 METRICS = "metrics.jsonl"
 
 
@@ -52,6 +52,9 @@ class TrainConfig:
     init_b_pre: str = "geometric_median"
     """TopK: before step 0, b_pre from the first INIT_SAMPLE_ROWS rows of the data ("geometric_median",
     Gao et al.; "mean", sparsify; "zeros") and encoder = decoderᵀ (TopKSAE.init_from_data)."""
+    init_scale: str = "unit"
+    """TopK: the encoder's initial factor ("unit": Gao et al.'s code; "data": least squares on the
+    sample; "none"). See TopKSAE.init_from_data and bench/results/topk_vs_sparsify.md."""
     ste: str = "reference"
     """BAE: straight-through estimator ("reference", "identity", "sigmoid")."""
     recon: str = "mse"
@@ -60,6 +63,9 @@ class TrainConfig:
     """BAE: α_e, weight of Σ_j h2(p_j)."""
     alpha_cov: float = 1e-7
     """BAE: α_c, weight of Σ_{i≠j} |C_ij|."""
+    bae_center: str = "mean"
+    """BAE: before step 0, the encoder's input centre from the first INIT_SAMPLE_ROWS rows ("mean";
+    "none" = the authors' uncentred encoder). See BinaryAutoencoder."""
     entropy_off_epochs: int = 0
     """BAE: epochs at the start with α_e = 0 (the authors: 500 of 2000)."""
     lr: Optional[float] = None
@@ -181,7 +187,9 @@ def train(cfg: TrainConfig, store: ActivationStore, *, resume: bool = True):
         metrics_path.unlink()
     if cfg.model == "topk" and step == 0:
         model.set_decoder_norm_to_unit_norm()
-        model.init_from_data(init_sample(store, cfg), b_pre=cfg.init_b_pre)
+        model.init_from_data(init_sample(store, cfg), b_pre=cfg.init_b_pre, scale=cfg.init_scale)
+    elif step == 0:
+        model.init_from_data(init_sample(store, cfg), center=cfg.bae_center)
     wrapped = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
