@@ -16,9 +16,9 @@ record_firing) after TopKSAE.init_from_data on the first 4096 rows. Variants:
 
   sparsify                          SparseCoder(d, n, k), its own initialisation (encoder:
                                     nn.Linear's, rows of norm ≈ 0.58; decoder: its rows normalised)
-  fastattn gm + unit                the default: b_pre at the geometric median, encoder = decoderᵀ
-                                    scaled as Gao et al.'s code (TopKSAE.init_from_data)
-  fastattn gm + data                ... encoder factor by least squares on the sample
+  fastattn gm + unit                b_pre at the geometric median, encoder = decoderᵀ scaled as
+                                    Gao et al.'s code (TopKSAE.init_from_data)
+  fastattn gm + data                the default: ... encoder factor by least squares on the sample
   fastattn mean + unit              sparsify's b_pre statistic
   fastattn zeros + none             the previous behaviour (b_pre = 0, encoder = decoderᵀ, unit rows)
   fastattn from sparsify init       TopKSAE loaded with sparsify's step-0 weights (must agree)

@@ -31,7 +31,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-b-pre", choices=("geometric_median", "mean", "zeros"), default=d.init_b_pre,
                    help="TopK: b_pre before step 0 from a data sample (encoder = decoderᵀ)")
     p.add_argument("--init-scale", choices=("data", "unit", "none"), default=d.init_scale,
-                   help="TopK: the encoder's initial factor (least squares on the sample; Gao et al.'s unit vectors)")
+                   help="TopK: the encoder's initial factor (data: least squares on the sample; unit: Gao et al.'s code)")
     p.add_argument("--ste", choices=("reference", "identity", "sigmoid"), default=d.ste)
     p.add_argument("--bae-center", choices=("mean", "none"), default=d.bae_center,
                    help="BAE: centre the encoder's input at a data sample's mean (none: the authors' code)")

@@ -139,20 +139,20 @@ class TopKSAE(nn.Module):
         return x_hat * state
 
     @torch.no_grad()
-    def init_from_data(self, x: Tensor, b_pre: str = "geometric_median", scale: str = "unit") -> None:
+    def init_from_data(self, x: Tensor, b_pre: str = "geometric_median", scale: str = "data") -> None:
         """Initialisation from a data sample x [N, d] before the first step, after Gao et al. 2024
         (their released training code, ``init_from_data_``):
         - ``b_pre`` at the sample's geometric median ("geometric_median"; "mean" is sparsify's
           choice, "zeros" leaves it at 0), in the model's scale (after input normalisation);
         - the encoder set to the decoder's transpose (``W_enc = W_dec`` in this [n, d] layout),
           b_enc = 0, then multiplied by one factor (TopK and ReLU are homogeneous, so the factor
-          scales every reconstruction x̂ − b_pre): ``scale="unit"`` (Gao et al.'s code) 1 / the mean
-          norm of x̂ − b_pre for 256 random unit vectors placed at b_pre; ``"data"`` the
-          least-squares factor of x − b_pre on x̂ − b_pre over the sample (the initial
-          reconstruction with the least error); ``"none"``: 1. On MiniLM (d=384, n=6144, k=32)
-          "unit" gives 0.93 and "data" 0.60, the scale of sparsify's encoder (0.58): a smaller
-          encoder learns faster under Adam but leaves more latents unused
-          (bench/bench_topk_vs_sparsify.py)."""
+          scales every reconstruction x̂ − b_pre): ``scale="data"`` (default) the least-squares
+          factor of x − b_pre on x̂ − b_pre over the sample (the initial reconstruction with the
+          least error); ``"unit"`` (Gao et al.'s code) 1 / the mean norm of x̂ − b_pre for 256
+          random unit vectors placed at b_pre; ``"none"``: 1. On MiniLM (d=384, n=6144, k=32)
+          "data" gives 0.60, about the scale of sparsify's encoder (0.58), and "unit" 0.93: the
+          smaller encoder moves faster under Adam (sparsify's FVU at equal steps) but leaves
+          more latents unused (bench/results/topk_vs_sparsify.md)."""
         if b_pre not in ("geometric_median", "mean", "zeros"):
             raise ValueError(f"b_pre must be 'geometric_median', 'mean' or 'zeros', got {b_pre!r}")
         if scale not in ("data", "unit", "none"):

@@ -52,9 +52,9 @@ class TrainConfig:
     init_b_pre: str = "geometric_median"
     """TopK: before step 0, b_pre from the first INIT_SAMPLE_ROWS rows of the data ("geometric_median",
     Gao et al.; "mean", sparsify; "zeros") and encoder = decoderᵀ (TopKSAE.init_from_data)."""
-    init_scale: str = "unit"
-    """TopK: the encoder's initial factor ("unit": Gao et al.'s code; "data": least squares on the
-    sample; "none"). See TopKSAE.init_from_data and bench/results/topk_vs_sparsify.md."""
+    init_scale: str = "data"
+    """TopK: the encoder's initial factor ("data": least squares on the sample; "unit": Gao et al.'s
+    code; "none"). See TopKSAE.init_from_data and bench/results/topk_vs_sparsify.md."""
     ste: str = "reference"
     """BAE: straight-through estimator ("reference", "identity", "sigmoid")."""
     recon: str = "mse"
