@@ -28,9 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(rank: int, ste: str, epochs: int, alpha: float, losses: bool, center: str, seed: int, out_dir: str) -> dict:
+def run(rank: int, ste: str, epochs: int, alpha: float, alpha_cov: float, losses: bool, center: str, seed: int,
+        out_dir: str) -> dict:
     cmd = [sys.executable, "-m", "fastattn", "sae", "entropy-bench", "--rank", str(rank), "--dim", "64",
-           "--epochs", str(epochs), "--ste", ste, "--alpha-entropy", str(alpha), "--alpha-cov", str(alpha),
+           "--epochs", str(epochs), "--ste", ste, "--alpha-entropy", str(alpha), "--alpha-cov", str(alpha_cov),
            "--bae-center", center, "--seed", str(seed), "--no-progress", "--log-every", "1000000",
            "--out-dir", f"{out_dir}/r{rank}_{ste}_{center}_{'losses' if losses else 'nolosses'}_e{epochs}"]
     if not losses:
@@ -47,14 +48,14 @@ def run(rank: int, ste: str, epochs: int, alpha: float, losses: bool, center: st
 
 
 def markdown(rows: list) -> str:
-    lines = ["| rank | estimator | input | losses | epochs | estimated bits | bits / rank | held-out FVU | "
+    lines = ["| rank | estimator | input | α_e / α_c | epochs | estimated bits | bits / rank | held-out FVU | "
              "held-out FVU, refitted decoder |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (not r.get("losses", True), r.get("bae_center", ""), r["ste"], r["rank"])):
         if "error" in r:
             lines.append(f"| {r['rank']} | {r['ste']} | error | | | | | | |")
             continue
         lines.append(f"| {r['rank']} | {r['ste']} | {'centred' if r['bae_center'] == 'mean' else 'uncentred'} | "
-                     f"{'on' if r['losses'] else 'off'} | {r['epochs']} | {r['estimated_bits']:.2f} | "
+                     f"{r['alpha_entropy']:g} / {r['alpha_cov']:g} | {r['epochs']} | {r['estimated_bits']:.2f} | "
                      f"{r['ratio']:.3f} | {r['test_fvu']:.2e} | {r['test_fvu_refit']:.1e} |")
     return "\n".join(lines) + "\n"
 
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", default="4,8,16,32")
     p.add_argument("--estimators", default="reference,sigmoid")
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--alpha", type=float, default=1e-5)
+    p.add_argument("--alpha", type=float, default=1e-5, help="α_e (and α_c unless --alpha-cov)")
+    p.add_argument("--alpha-cov", type=float, default=None)
     p.add_argument("--center", default="mean", choices=("mean", "none"))
     p.add_argument("--no-losses-rows", action="store_true", help="also run every rank with α_e = α_c = 0")
     p.add_argument("--only-no-losses", action="store_true")
@@ -80,7 +82,8 @@ def main(argv=None) -> int:
     if args.no_losses_rows or args.only_no_losses:
         plan += [(r, s, False) for s, r in itertools.product(stes, ranks)]
     with ThreadPoolExecutor(args.jobs) as ex:
-        new = list(ex.map(lambda t: run(t[0], t[1], args.epochs, args.alpha, t[2], args.center, args.seed,
+        a_c = args.alpha if args.alpha_cov is None else args.alpha_cov
+        new = list(ex.map(lambda t: run(t[0], t[1], args.epochs, args.alpha, a_c, t[2], args.center, args.seed,
                                         args.run_dir), plan))
     out = Path(args.out)
     old = [] if args.fresh or not out.with_suffix(".json").exists() else \

@@ -78,10 +78,10 @@ def decode_flips(code: FlipCode) -> Tensor:
 
 
 class FrequencySummary(NamedTuple):
-    frequency: Tensor      # [n] fraction of tokens each latent fires on
+    frequency: Tensor      # [n] fraction of tokens each latent fires on (bit 1 / activation > 0)
     tokens: int
-    dead: int              # latents that never fired
-    dense: int             # latents firing on more than dense_frequency of the tokens
+    dead: int              # latents that never leave their usual state (see feature_activity)
+    dense: int             # latents in their minority state on more than dense_frequency of the tokens
     dense_frequency: float
 
     def as_dict(self) -> dict:
@@ -94,7 +94,10 @@ class FrequencySummary(NamedTuple):
 
 @torch.no_grad()
 def feature_frequencies(model, batches, dense_frequency: float = 0.1) -> FrequencySummary:
-    """Activation frequency of every latent of a TopKSAE or BinaryAutoencoder over ``batches``."""
+    """Activation frequency of every latent of a TopKSAE or BinaryAutoencoder over ``batches``;
+    dead and dense by the minority state q = min(p, 1 − p) (q = 0; q > ``dense_frequency``), the
+    rule of :func:`feature_activity` for both models (for a TopK latent that fires on fewer than
+    half the tokens, the usual "never fired" and "fires on more than 10 %")."""
     from fastattn.sae.modules import BinaryAutoencoder
 
     counts, tokens = None, 0
@@ -108,8 +111,8 @@ def feature_frequencies(model, batches, dense_frequency: float = 0.1) -> Frequen
         counts = c if counts is None else counts + c
         tokens += x.shape[0]
     freq = counts.double() / max(tokens, 1)
-    return FrequencySummary(freq, tokens, int((counts == 0).sum()), int((freq > dense_frequency).sum()),
-                            dense_frequency)
+    q = torch.minimum(freq, 1 - freq)
+    return FrequencySummary(freq, tokens, int((q == 0).sum()), int((q > dense_frequency).sum()), dense_frequency)
 
 
 def frequency_histogram(summaries: dict, path: str, title: str = "activation frequency") -> None:
