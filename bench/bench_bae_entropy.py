@@ -42,7 +42,8 @@ def run(rank: int, ste: str, epochs: int, alpha: float, alpha_cov: float, losses
         return {"rank": rank, "ste": ste, "error": p.stderr[-2000:]}
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res["wall_s"] = round(time.time() - t0, 1)
-    res["command"] = "fastattn " + " ".join(cmd[3:-2])
+    res["command"] = "fastattn " + " ".join(a for i, a in enumerate(cmd[3:], 3)
+                                            if a != "--out-dir" and cmd[i - 1] != "--out-dir")
     print(json.dumps(res), flush=True)
     return res
 

@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     if args.checkpoint:
         models = {}
         for spec in args.checkpoint:
-            name, _, path = spec.partition("=")
+            name, _, path = spec.rpartition("=")
             cfg, models[name] = load_trained(path)
             meta[name] = {k: v for k, v in vars(cfg).items() if k not in ("out_dir", "progress", "device", "backend")}
         x_eval = x
