@@ -7,6 +7,7 @@ import math
 import torch
 
 from fastattn.sae import BinaryAutoencoder, TopKSAE
+from fastattn.sae.stores import TensorStore
 from fastattn.sae.stats import (burstiness, decode_flips, encode_flips, feature_activity, feature_frequencies,
                                 frequency_histogram, top_active_features)
 
@@ -134,3 +135,26 @@ def test_feature_activity_topk_same_rules():
     d = a.as_dict()
     assert d["dead"] == int((fired.sum(0) == 0).sum()) + int((fired.sum(0) == 200).sum())
     assert d["dense"] == int((torch.minimum(a.state_rate, 1 - a.state_rate) > 0.1).sum())
+
+
+def test_compare_on_checkpoints(tmp_path, capsys):
+    from fastattn.sae.compare import main as compare_main
+    from fastattn.sae.stores import write_shards
+    from fastattn.sae.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    x = torch.randn(600, 8) @ torch.randn(8, 8) + 2
+    write_shards(x, tmp_path / "acts", shard_rows=256)
+    store = TensorStore(x)
+    for model in ("topk", "bae"):
+        train(TrainConfig(model=model, n_latents=32, k=3, max_steps=3, batch_size=128, progress=False,
+                          out_dir=str(tmp_path / model)), store, resume=False)
+    assert compare_main(["--data", str(tmp_path / "acts"), "--checkpoint", f"topk k=3={tmp_path}/topk/checkpoint.pt",
+                         "--checkpoint", f"bae={tmp_path}/bae/checkpoint.pt", "--out-dir", str(tmp_path / "cmp")]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(res["models"]) == {"topk k=3", "bae"} and res["meta"]["rows"] == 600
+    for r in res["models"].values():
+        assert r["tokens"] == 600 and r["dead"] + r["ever_active"] == 32 and 0 <= r["fvu"]
+    assert res["models"]["topk k=3"]["state_on_per_token"] <= 3
+    assert (tmp_path / "cmp" / "summary.md").read_text().count("\n|") == 4  # header, rule, 2 models
+    assert (tmp_path / "cmp" / "minority_rate.png").stat().st_size > 1000

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fastattn.sae.modules import BinaryAutoencoder
-from fastattn.sae.stats import feature_activity
+from fastattn.sae.stats import FrequencySummary, feature_activity, frequency_histogram
 from fastattn.sae.stores import TensorStore
 from fastattn.sae.train import TrainConfig, load_trained, train
 
@@ -75,28 +75,11 @@ def measure(models: dict, x: torch.Tensor) -> dict:
 
 def minority_histogram(acts: dict, path: str, title: str) -> None:
     """PNG: log10 histogram of every latent's minority-state rate q = min(p, 1 − p)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bins = np.concatenate([[-7.6], np.linspace(-7, np.log10(0.5), 57)])
+    summaries = {}
     for name, a in acts.items():
-        q = a.minority_rate.numpy()
-        logq = np.clip(np.log10(np.where(q > 0, q, 10 ** -7.5)), -7.5, 0)
         d = a.as_dict()
-        ax.hist(logq, bins=bins, histtype="step", linewidth=1.5,
-                label=f"{name}: dead {d['dead']}, dense {d['dense']} of {d['latents']}")
-    ax.axvline(-1, color="gray", linestyle=":", linewidth=1)
-    ax.set_xlabel("log10 minority-state rate min(p, 1 − p)   (left bin: never leaves its state)")
-    ax.set_ylabel("latents")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        summaries[name] = FrequencySummary(a.state_rate, a.tokens, d["dead"], d["dense"], d["dense_frequency"])
+    frequency_histogram(summaries, path, title, minority=True)
 
 
 def markdown(res: dict, title: str) -> str:

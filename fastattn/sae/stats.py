@@ -115,9 +115,11 @@ def feature_frequencies(model, batches, dense_frequency: float = 0.1) -> Frequen
     return FrequencySummary(freq, tokens, int((q == 0).sum()), int((q > dense_frequency).sum()), dense_frequency)
 
 
-def frequency_histogram(summaries: dict, path: str, title: str = "activation frequency") -> None:
+def frequency_histogram(summaries: dict, path: str, title: str = "activation frequency",
+                        minority: bool = False) -> None:
     """PNG of log10 activation-frequency histograms, one curve per named FrequencySummary;
-    never-firing latents are drawn in a separate bin at the left edge."""
+    never-firing latents are drawn in a separate bin at the left edge. ``minority``: plot each
+    latent's minority-state rate min(p, 1 − p) instead of p (see :func:`feature_activity`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,13 +127,18 @@ def frequency_histogram(summaries: dict, path: str, title: str = "activation fre
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    bins = np.linspace(-7, 0, 57)
+    bins = np.linspace(-7, np.log10(0.5) if minority else 0, 57)
     for name, s in summaries.items():
         f = s.frequency.numpy()
+        f = np.minimum(f, 1 - f) if minority else f
         logf = np.log10(np.where(f > 0, f, 10 ** -7.5))
         ax.hist(np.clip(logf, -7.5, 0), bins=np.concatenate([[-7.6], bins]), histtype="step", linewidth=1.5,
                 label=f"{name}: dead {s.dead}, dense {s.dense} of {f.size}")
-    ax.set_xlabel("log10 activation frequency (left bin: never fired)")
+    if minority:
+        ax.axvline(np.log10(next(iter(summaries.values())).dense_frequency), color="gray", linestyle=":")
+        ax.set_xlabel("log10 minority-state rate min(p, 1 − p)   (left bin: never leaves its state)")
+    else:
+        ax.set_xlabel("log10 activation frequency (left bin: never fired)")
     ax.set_ylabel("latents")
     ax.set_title(title)
     ax.legend(fontsize=8)
