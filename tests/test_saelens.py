@@ -207,6 +207,31 @@ def test_export_writes_the_current_format(tmp_path, mode):
         assert torch.allclose(sae(x).x_hat, want, atol=1e-5)
 
 
+def test_export_is_atomic(tmp_path, monkeypatch):
+    """A failed rewrite leaves the previous export whole and no temp files behind."""
+    from fastattn import _io
+
+    torch.manual_seed(0)
+    old = TopKSAE(6, 16, 3)
+    save_saelens(old, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = _io.atomic_write_bytes
+
+    def write_then_fail(path, data):
+        with _io.atomic_write(path) as f:
+            f.write(data[: len(data) // 2])
+            raise KeyboardInterrupt  # a Ctrl-C half way through the weights
+
+    monkeypatch.setattr(_io, "atomic_write_bytes", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        save_saelens(TopKSAE(6, 16, 4), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.setattr(_io, "atomic_write_bytes", real)
+    save_saelens(TopKSAE(6, 16, 4), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    assert load_saelens(tmp_path).k == 4
+
+
 # ----------------------------------------------------------------------------- the real package
 
 def _check(res: dict, name: str):

@@ -38,13 +38,13 @@ honoured (missing fields take SAELens' defaults, given first):
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from fastattn import _io
 from fastattn._version import __version__ as FASTATTN_VERSION
 from fastattn.sae.modules import TopKSAE
 
@@ -56,7 +56,7 @@ _TENSORS = {"W_enc", "b_enc", "W_dec", "b_dec"}
 
 def save_saelens(sae: TopKSAE, directory: Union[str, Path], extra_metadata: Optional[dict] = None) -> Path:
     """Write ``sae`` to ``directory`` (created; weights written atomically); returns the directory."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -79,10 +79,10 @@ def save_saelens(sae: TopKSAE, directory: Union[str, Path], extra_metadata: Opti
     }
     tensors = {"W_enc": sae.W_enc.detach().t().contiguous().cpu(), "b_enc": sae.b_enc.detach().cpu().clone(),
                "W_dec": sae.W_dec.detach().contiguous().cpu().clone(), "b_dec": sae.b_pre.detach().cpu().clone()}
-    tmp = directory / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, directory / WEIGHTS)
-    (directory / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
+    # Both files atomically (unique temp names), weights first: a kill leaves the old pair or a new
+    # weights file beside the old cfg, never a partial file.
+    _io.atomic_write_bytes(directory / WEIGHTS, save(tensors))
+    _io.atomic_write_text(directory / CFG, json.dumps(cfg, indent=2) + "\n")
     return directory
 
 
