@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(rank: int, ste: str, epochs: int, alpha: float, alpha_cov: float, losses: bool, center: str, seed: int,
-        out_dir: str, cov_off_too: bool = False) -> dict:
+        out_dir: str, cov_off_too: bool = False, lr_decay: float = 0.0) -> dict:
     cmd = [sys.executable, "-m", "fastattn", "sae", "entropy-bench", "--rank", str(rank), "--dim", "64",
            "--epochs", str(epochs), "--ste", ste, "--alpha-entropy", str(alpha), "--alpha-cov", str(alpha_cov),
            "--bae-center", center, "--seed", str(seed), "--no-progress", "--log-every", "1000000",
@@ -39,6 +39,9 @@ def run(rank: int, ste: str, epochs: int, alpha: float, alpha_cov: float, losses
     if cov_off_too:
         cmd.append("--cov-off-too")
         cmd[cmd.index("--out-dir") + 1] += "_covoff"
+    if lr_decay:
+        cmd += ["--lr-decay", str(lr_decay)]
+        cmd[cmd.index("--out-dir") + 1] += f"_decay{lr_decay}"
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if p.returncode != 0:
@@ -59,7 +62,8 @@ def markdown(rows: list) -> str:
             lines.append(f"| {r['rank']} | {r['ste']} | error | | | | | | |")
             continue
         lines.append(f"| {r['rank']} | {r['ste']} | {'centred' if r['bae_center'] == 'mean' else 'uncentred'} | "
-                     f"{r['alpha_entropy']:g} / {r['alpha_cov']:g}{' (α_c off too)' if r.get('cov_off_too') else ''} | "
+                     f"{r['alpha_entropy']:g} / {r['alpha_cov']:g}{' (α_c off too)' if r.get('cov_off_too') else ''}"
+                     f"{', lr decay ' + format(r['lr_decay'], 'g') if r.get('lr_decay') else ''} | "
                      f"{r['epochs']} | {r['estimated_bits']:.2f} | "
                      f"{r['ratio']:.3f} | {r['test_fvu']:.2e} | {r['test_fvu_refit']:.1e} |")
     return "\n".join(lines) + "\n"
@@ -73,6 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=1e-5, help="α_e (and α_c unless --alpha-cov)")
     p.add_argument("--alpha-cov", type=float, default=None)
     p.add_argument("--center", default="mean", choices=("mean", "none"))
+    p.add_argument("--lr-decay", type=float, default=0.0, help="last fraction of the run with lr -> 0 linearly")
     p.add_argument("--cov-off-too", action="store_true", help="α_c = 0 too in the first quarter (not the authors')")
     p.add_argument("--no-losses-rows", action="store_true", help="also run every rank with α_e = α_c = 0")
     p.add_argument("--only-no-losses", action="store_true")
@@ -90,7 +95,8 @@ def main(argv=None) -> int:
     with ThreadPoolExecutor(args.jobs) as ex:
         a_c = args.alpha if args.alpha_cov is None else args.alpha_cov
         new = list(ex.map(lambda t: run(t[0], t[1], args.epochs, args.alpha, a_c, t[2], args.center, args.seed,
-                                        args.run_dir, args.cov_off_too), plan))
+                                        args.run_dir, args.cov_off_too,
+                                        args.lr_decay), plan))
     out = Path(args.out)
     old = [] if args.fresh or not out.with_suffix(".json").exists() else \
         json.loads(out.with_suffix(".json").read_text())["rows"]

@@ -80,6 +80,10 @@ class TrainConfig:
     reference estimator, ranks 16-32 of the entropy benchmark compress further with it off)."""
     lr: Optional[float] = None
     """Adam learning rate (default: BAE 5e-4; TopK 2e-4 · sqrt(16384 / n), Gao et al.)."""
+    lr_decay: float = 0.0
+    """Fraction of the run (by step, of epochs × steps per epoch) at its end over which the learning
+    rate falls linearly to 0; 0 = constant (the authors). With the BAE reference estimator Adam
+    turns the tiny gradients of a converged code into full-size steps, which move the hyperplanes."""
     batch_size: int = 512
     epochs: int = 1
     max_steps: Optional[int] = None
@@ -150,6 +154,7 @@ def check_config(cfg: TrainConfig) -> None:
               ("alpha_cov", finite(cfg.alpha_cov)),
               ("entropy_off_epochs", cfg.entropy_off_epochs >= 0),
               ("lr", cfg.lr is None or finite(cfg.lr) and cfg.lr > 0),
+              ("lr_decay", finite(cfg.lr_decay) and cfg.lr_decay <= 1),
               ("batch_size", cfg.batch_size >= 1), ("epochs", cfg.epochs >= 1),
               ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1),
               ("seed", 0 <= cfg.seed < 2 ** 63), ("log_every", cfg.log_every >= 1),
@@ -219,7 +224,8 @@ def _train(cfg, store, resume, rank, world, out_dir, stop):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, store.d)
     n_latents = model.n_latents if cfg.model == "topk" else model.d_hidden
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate(n_latents))
+    base_lr = cfg.learning_rate(n_latents)
+    opt = torch.optim.Adam(model.parameters(), lr=base_lr)
     window = _Window(n_latents, cfg.device)
     step, epoch, step_in_epoch, window_steps, elapsed, loaded = 0, 0, 0, 0, 0.0, False
     if resume and ckpt_path.exists():
@@ -278,6 +284,12 @@ def _train(cfg, store, resume, rank, world, out_dir, stop):
 
     per_epoch = store.steps_per_epoch(cfg.batch_size, world, drop_last=world > 1)
     total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+    planned = cfg.epochs * per_epoch  # the schedule ignores max_steps: a cut-off run is a prefix
+    decay_from = planned - cfg.lr_decay * planned
+
+    def lr_at(s: int) -> float:
+        return base_lr if s < decay_from else base_lr * (planned - s) / (planned - decay_from)
+
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm
@@ -303,6 +315,9 @@ def _train(cfg, store, resume, rank, world, out_dir, stop):
         out.loss.backward()
         if cfg.model == "topk":
             model.before_step()
+        if cfg.lr_decay > 0:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
         opt.step()
         if cfg.model == "topk":
             model.after_step()
