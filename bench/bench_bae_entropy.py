@@ -12,6 +12,8 @@ authors' uncentred encoder, the cause of the lossy runs). Rows: every (rank, est
 same without the entropy and covariance losses (the paper's red points: more bits). Reports the
 estimate Σ_j h2(p_j) over all 65,536 samples, the held-out FVU of the model, and the held-out FVU of
 a least-squares decoder refitted on the training codes (≈ 0 when the code is lossless).
+Options for the convergence study (each changes the row's command): --cov-off-too (α_c = 0 with α_e),
+--lr-decay F, --entropy-off E, --batch-size B, --alpha-cov.
 Writes --out.json and --out.md (appending to existing rows unless --fresh).
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(rank: int, ste: str, epochs: int, alpha: float, alpha_cov: float, losses: bool, center: str, seed: int,
-        out_dir: str, cov_off_too: bool = False, lr_decay: float = 0.0) -> dict:
+        out_dir: str, cov_off_too: bool = False, lr_decay: float = 0.0, entropy_off=None,
+        batch_size: int = 512) -> dict:
     cmd = [sys.executable, "-m", "fastattn", "sae", "entropy-bench", "--rank", str(rank), "--dim", "64",
            "--epochs", str(epochs), "--ste", ste, "--alpha-entropy", str(alpha), "--alpha-cov", str(alpha_cov),
            "--bae-center", center, "--seed", str(seed), "--no-progress", "--log-every", "1000000",
@@ -39,6 +42,12 @@ def run(rank: int, ste: str, epochs: int, alpha: float, alpha_cov: float, losses
     if cov_off_too:
         cmd.append("--cov-off-too")
         cmd[cmd.index("--out-dir") + 1] += "_covoff"
+    if batch_size != 512:
+        cmd += ["--batch-size", str(batch_size)]
+        cmd[cmd.index("--out-dir") + 1] += f"_b{batch_size}"
+    if entropy_off is not None:
+        cmd += ["--entropy-off-epochs", str(entropy_off)]
+        cmd[cmd.index("--out-dir") + 1] += f"_off{entropy_off}"
     if lr_decay:
         cmd += ["--lr-decay", str(lr_decay)]
         cmd[cmd.index("--out-dir") + 1] += f"_decay{lr_decay}"
@@ -54,6 +63,12 @@ def run(rank: int, ste: str, epochs: int, alpha: float, alpha_cov: float, losses
     return res
 
 
+def off_note(r: dict) -> str:
+    off = r.get("entropy_off_epochs", r["epochs"] // 4)
+    note = "" if off == r["epochs"] // 4 else f" (α_e = 0 for {off})"
+    return note + ("" if r.get("batch_size", 512) == 512 else f", batch {r['batch_size']}")
+
+
 def markdown(rows: list) -> str:
     lines = ["| rank | estimator | input | α_e / α_c | epochs | estimated bits | bits / rank | held-out FVU | "
              "held-out FVU, refitted decoder |", "|---|---|---|---|---|---|---|---|---|"]
@@ -64,7 +79,7 @@ def markdown(rows: list) -> str:
         lines.append(f"| {r['rank']} | {r['ste']} | {'centred' if r['bae_center'] == 'mean' else 'uncentred'} | "
                      f"{r['alpha_entropy']:g} / {r['alpha_cov']:g}{' (α_c off too)' if r.get('cov_off_too') else ''}"
                      f"{', lr decay ' + format(r['lr_decay'], 'g') if r.get('lr_decay') else ''} | "
-                     f"{r['epochs']} | {r['estimated_bits']:.2f} | "
+                     f"{r['epochs']}{off_note(r)} | {r['estimated_bits']:.2f} | "
                      f"{r['ratio']:.3f} | {r['test_fvu']:.2e} | {r['test_fvu_refit']:.1e} |")
     return "\n".join(lines) + "\n"
 
@@ -77,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=1e-5, help="α_e (and α_c unless --alpha-cov)")
     p.add_argument("--alpha-cov", type=float, default=None)
     p.add_argument("--center", default="mean", choices=("mean", "none"))
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--entropy-off", type=int, default=None, help="epochs with α_e = 0 (default: a quarter)")
     p.add_argument("--lr-decay", type=float, default=0.0, help="last fraction of the run with lr -> 0 linearly")
     p.add_argument("--cov-off-too", action="store_true", help="α_c = 0 too in the first quarter (not the authors')")
     p.add_argument("--no-losses-rows", action="store_true", help="also run every rank with α_e = α_c = 0")
@@ -96,7 +113,8 @@ def main(argv=None) -> int:
         a_c = args.alpha if args.alpha_cov is None else args.alpha_cov
         new = list(ex.map(lambda t: run(t[0], t[1], args.epochs, args.alpha, a_c, t[2], args.center, args.seed,
                                         args.run_dir, args.cov_off_too,
-                                        args.lr_decay), plan))
+                                        args.lr_decay, args.entropy_off,
+                                        args.batch_size), plan))
     out = Path(args.out)
     old = [] if args.fresh or not out.with_suffix(".json").exists() else \
         json.loads(out.with_suffix(".json").read_text())["rows"]
