@@ -1,4 +1,4 @@
-"""`fastattn music prepare | train | generate | evaluate | demo` (also `python -m fastattn.music`).
+"""`fastattn music prepare | train | generate | evaluate | demo | reproduce` (also `python -m fastattn.music`).
 
 ``register(subparsers)`` adds the ``music`` command to the main ``fastattn`` parser; every
 heavy import happens inside the handlers.
@@ -162,6 +162,21 @@ def _demo(args) -> int:
     return 0
 
 
+def _reproduce(args) -> int:
+    from fastattn.music import reproduce as R
+    out = Path(args.out)
+    if not args.report_only:
+        budget = R.budget_from("paper" if args.paper else args.budget, steps=args.steps,
+                               device=args.device)
+        R.reproduce(out, corpora=args.corpora.split(","), variants=args.variants.split(","),
+                    seeds=args.seeds, budget=budget, data=args.data, songs=args.songs,
+                    convention=args.convention, cache_dir=args.cache)
+    R.write_report(out)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}; runs: {out / 'runs.jsonl'}")
+    return 0
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``music`` with its subcommands to an argparse subparsers object."""
     music = subparsers.add_parser("music", help="music Transformer: prepare | train | generate | "
@@ -235,6 +250,23 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--variants", default="Attn,CirRelAttn-H")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("reproduce", help="the five variants × seeds on synthetic / POP909 / 1/8 "
+                       "POP909: NLL, next-bar metrics, rep@k, paired verdicts (JSON + Markdown)")
+    _add_data_args(p)
+    p.add_argument("--corpora", default="synthetic",
+                   help="comma-separated: synthetic, pop909, pop909-eighth")
+    p.add_argument("--variants", default="Attn,RelAttn,RIPO,CirRelAttn,CirRelAttn-H")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--budget", choices=["tiny", "cpu", "paper"], default="cpu")
+    p.add_argument("--paper", action="store_true", help="the authors' configuration (4 layers × "
+                   "256, batch 32, 50k steps; for a GPU): same as --budget paper")
+    p.add_argument("--steps", type=int, default=None, help="override the budget's steps")
+    p.add_argument("--device", default=None, help="override the budget's device")
+    p.add_argument("--convention", default="slides", help="attention convention: slides | authors")
+    p.add_argument("--out", default="runs/music-reproduce")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report")
+    p.set_defaults(func=_reproduce)
     return music
 
 

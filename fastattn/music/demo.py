@@ -37,6 +37,8 @@ class DemoConfig:
     """Windows per step."""
     next_bar_windows: int = 24
     """Validation windows in the next-bar test."""
+    continuations: int = 8
+    """Validation prompts continued (4 → 16 bars) per variant; rep@k is mean ± std over them."""
 
 
 def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
@@ -47,7 +49,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     from fastattn.music.cli import load_corpus
     from fastattn.music.evaluate import evaluate_model
     from fastattn.music.generate import SamplingConfig
-    from fastattn.music.metrics import plot_self_similarity, self_similarity
+    from fastattn.music.metrics import REP_DEFINITION, plot_self_similarity
+    from fastattn.music.plots import plot_pianorolls
     from fastattn.music.model import ModelConfig
     from fastattn.music.train import TrainConfig, load_model, train
 
@@ -57,10 +60,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     print(f"data: {cfg.data or 'embedded synthetic corpus'} — {corpus.summary()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{cfg.steps} steps per variant\n")
-    results, mats = {}, {}
-    first_valid = corpus.window("valid", 0)
-    mats["ground truth"] = self_similarity(first_valid, corpus.window_bars)
-    T.write_midi(first_valid, out / "ground_truth_0.mid")
+    results, mats, rolls = {}, {}, {}
     for variant in cfg.variants:
         t0 = time.time()
         mc = ModelConfig(representation=cfg.representation, variant=variant, n_layer=2,
@@ -75,11 +75,17 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
         model = load_model(Path(r.out_dir) / "best.pt")
         # The validation split is what the demo reports on (the test split stays untouched).
         s = evaluate_model(model, corpus, out, name=variant, split="valid", nll_windows=64,
-                           next_bar_windows=cfg.next_bar_windows, n_continuations=2,
+                           next_bar_windows=cfg.next_bar_windows,
+                           n_continuations=cfg.continuations,
                            sampling=SamplingConfig(top_k=8), seed=cfg.seed)
         s["minutes"] = (time.time() - t0) / 60
         results[variant] = s
-        mats[variant] = np.array(s["self_similarity"])
+        if not mats:  # the same prompts for every variant: their true windows once
+            mats["ground truth"] = s["self_similarity_truth"]
+            rolls["ground truth"] = s["continuations"].truth[0]
+            T.write_midi(rolls["ground truth"], out / "ground_truth_0.mid")
+        mats[variant] = s["self_similarity"]
+        rolls[variant] = s["continuations"].pieces[0]
         print(f"{variant}: done in {s['minutes']:.1f} min\n")
 
     cols = [("val NLL", lambda s: s["nll"]["nll"]), ("ppl", lambda s: s["nll"]["ppl"]),
@@ -89,23 +95,35 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
             ("groove", lambda s: s["next_bar"]["grooving_sim"]),
             ("range", lambda s: s["next_bar"]["pitch_range_sim"]),
             ("density", lambda s: s["next_bar"]["note_density_sim"]),
-            ("PCE", lambda s: s["next_bar"]["pce"]),
-            ("rep@4", lambda s: s["repetition"]["4"]), ("rep@8", lambda s: s["repetition"]["8"]),
-            ("rep@12", lambda s: s["repetition"]["12"])]
-    lines = ["| variant | " + " | ".join(c for c, _ in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
+            ("PCE", lambda s: s["next_bar"]["pce"])]
+    lags = list(next(iter(results.values()))["repetition"]) if results else []
+
+    def rep_cells(s, key):
+        return [f"{s[key][k]:.2f} ± {s[key + '_std'][k]:.2f}" for k in lags]
+
+    lines = ["| variant | " + " | ".join([c for c, _ in cols] + [f"rep@{k}" for k in lags]) + " |",
+             "|---|" + "---:|" * (len(cols) + len(lags))]
     for v, s in results.items():
-        lines.append(f"| {v} | " + " | ".join(f"{f(s):.3f}" for _, f in cols) + " |")
+        lines.append(f"| {v} | " + " | ".join([f"{f(s):.3f}" for _, f in cols]
+                                               + rep_cells(s, "repetition")) + " |")
+    if results:
+        truth = next(iter(results.values()))
+        lines.append("| ground truth | " + " | ".join(["–"] * len(cols)
+                                                     + rep_cells(truth, "repetition_truth")) + " |")
     truth_pce = np.mean([s["next_bar"]["pce_true"] for s in results.values()])
     table = "\n".join(lines)
     print(f"Validation ({cfg.representation}-based; NLL in nats per token; next-bar metrics over "
-          f"{cfg.next_bar_windows} windows; PCE of the true bars {truth_pce:.3f}; rep@k = mean "
-          f"self-similarity at lag k of the 4 → 16-bar continuations):\n")
+          f"{cfg.next_bar_windows} windows; PCE of the true bars {truth_pce:.3f}; "
+          f"{cfg.continuations} continuations per variant; {REP_DEFINITION}):\n")
     print(table)
     png = out / "self_similarity.png"
-    plot_self_similarity(mats, png, "bar-level self-similarity (continuations of 4 given bars)")
-    (out / "results.md").write_text(table + "\n")
-    print(f"\nself-similarity PNG: {png}")
+    plot_self_similarity(mats, png, "bar-level self-similarity, mean over the continuations of "
+                         f"the same {cfg.continuations} prompts (4 bars given)")
+    roll_png = out / "pianoroll.png"
+    plot_pianorolls(rolls, roll_png, title="first prompt: ground truth and each variant's "
+                    "continuation")
+    (out / "results.md").write_text(f"{REP_DEFINITION}.\n\n{table}\n")
+    print(f"\nself-similarity PNG: {png}; piano roll PNG: {roll_png}")
     print("MIDI: " + ", ".join(str(p) for s in results.values() for p in s["midi"])
           + f", {out / 'ground_truth_0.mid'}")
     print(f"table: {out / 'results.md'}; checkpoints and logs: "

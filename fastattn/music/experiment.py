@@ -1,5 +1,9 @@
 """Small CPU experiment: validation NLL of the five attention variants at equal steps.
 
+Superseded by ``fastattn music reproduce`` (``fastattn.music.reproduce``: seeds, test NLL per
+field, next-bar metrics, rep@k, paired verdicts); kept because the README's current five-variant
+table was made with it.
+
 ``python -m fastattn.music.experiment --corpus synthetic --seeds 0 1 2 --steps 150``
 trains every variant (Attn, RelAttn, RIPO, CirRelAttn, CirRelAttn-H) with the same small
 configuration, seed by seed, and reports mean ± standard deviation (over seeds) of the
@@ -22,12 +26,12 @@ def run(corpus_name: str, data, songs: int, seeds, steps: int, out: Path, max_le
         eval_windows: int, time_cap_s: float) -> None:
     import torch
 
-    from fastattn.music.cli import load_corpus
     from fastattn.music.model import ModelConfig
+    from fastattn.music.reproduce import load
     from fastattn.music.train import TrainConfig, train
 
     torch.set_num_threads(2)
-    corpus = load_corpus(data, songs=songs, progress=False)
+    corpus = load("synthetic" if data is None else "pop909", data, songs=songs)
     print(f"{corpus_name}: {corpus.summary()}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"{corpus_name}.jsonl"
