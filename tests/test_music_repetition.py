@@ -94,3 +94,21 @@ def test_continuations_share_prompts_with_the_truth():
         assert np.array_equal(truth, M.T.canonical(corpus.window("valid", idx)))
     assert len(c.S) == len(c.S_true) == 2 and c.rep()[4][2] == 2
     assert c.rep_true()[4][0] == pytest.approx(np.mean([M.repetition_scores(S)[4] for S in c.S_true]))
+
+
+def test_demo_reports_rep_the_same_way_everywhere(tmp_path):
+    """Demo table, results.md and PNG use rep@k over the same prompts, with the ground truth."""
+    pytest.importorskip("matplotlib")
+    from fastattn.music.demo import DemoConfig, run_demo
+    res = run_demo(DemoConfig(out_dir=str(tmp_path), steps=2, next_bar_windows=1,
+                              continuations=2))
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith(M.REP_DEFINITION)
+    s = res["CirRelAttn-H"]
+    cell = f"{s['repetition']['4']:.2f} ± {s['repetition_std']['4']:.2f}"
+    assert cell in md.splitlines()[-2] and md.splitlines()[-1].startswith("| ground truth |")
+    c = s["continuations"]
+    assert s["repetition"]["4"] == pytest.approx(M.repetition_summary(c.S)[4][0])
+    assert s["repetition_truth"] == res["Attn"]["repetition_truth"]       # same prompts
+    for png in ("self_similarity.png", "pianoroll.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

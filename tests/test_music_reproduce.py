@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +110,22 @@ def test_reproduce_cli_tiny_end_to_end(tmp_path):
     assert "Attn" in res["synthetic"]["pairs"] and (out / "results.md").exists()
     assert main(args) == 0                                      # finished runs are skipped
     assert len(R.read_runs(out / "runs.jsonl")) == 2
+
+
+POP909 = Path(os.environ.get("FASTATTN_POP909",
+                             Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pop909"))
+
+
+@pytest.mark.skipif(not (POP909 / "001" / "001.mid").exists(), reason=f"POP909 not at {POP909}")
+def test_pop909_eighth_on_real_songs(tmp_path):
+    pytest.importorskip("symusic")
+    full = R.load("pop909", str(POP909), songs=16, cache_dir=tmp_path)
+    e = R.load("pop909-eighth", str(POP909), songs=16, cache_dir=tmp_path)
+    train_songs = np.unique(full.windows["train"][:, 0])
+    assert len(train_songs) == 13 and len(np.unique(e.windows["train"][:, 0])) == 2
+    assert 0 < e.n_windows("train") < full.n_windows("train")
+    assert all(np.array_equal(e.windows[s], full.windows[s]) for s in ("valid", "test"))
+    # The diagnosis probes label real windows too: POP909 repeats bars as well.
+    from fastattn.music import diagnose as G
+    ps = G.probe_set(full, "train", [0, 5], "note", 1024)
+    assert (ps.cls == G.CLASSES.index("lag4")).sum() > 0 and (ps.cls == G.CLASSES.index("none")).sum() > 0

@@ -167,7 +167,7 @@ def _reproduce(args) -> int:
     out = Path(args.out)
     if not args.report_only:
         budget = R.budget_from("paper" if args.paper else args.budget, steps=args.steps,
-                               device=args.device)
+                               device=args.device, threads=args.threads)
         R.reproduce(out, corpora=args.corpora.split(","), variants=args.variants.split(","),
                     seeds=args.seeds, budget=budget, data=args.data, songs=args.songs,
                     convention=args.convention, cache_dir=args.cache)
@@ -263,6 +263,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "256, batch 32, 50k steps; for a GPU): same as --budget paper")
     p.add_argument("--steps", type=int, default=None, help="override the budget's steps")
     p.add_argument("--device", default=None, help="override the budget's device")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; "
+                   "on 2 cores, two processes with --threads 1 on different --corpora are faster)")
     p.add_argument("--convention", default="slides", help="attention convention: slides | authors")
     p.add_argument("--out", default="runs/music-reproduce")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report")

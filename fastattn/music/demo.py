@@ -118,7 +118,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     print(table)
     png = out / "self_similarity.png"
     plot_self_similarity(mats, png, "bar-level self-similarity, mean over the continuations of "
-                         f"the same {cfg.continuations} prompts (4 bars given)")
+                         f"the same {cfg.continuations} prompts (4 bars given, dashed)",
+                         prompt_bars=4)
     roll_png = out / "pianoroll.png"
     plot_pianorolls(rolls, roll_png, title="first prompt: ground truth and each variant's "
                     "continuation")

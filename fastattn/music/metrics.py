@@ -169,22 +169,26 @@ def format_repetition(summary: Dict[int, Tuple[float, float, int]], digits: int 
 
 
 def plot_self_similarity(matrices: Dict[str, Union[np.ndarray, Sequence[np.ndarray]]], path,
-                         title: str = "") -> None:
+                         title: str = "", prompt_bars: int = 0) -> None:
     """Save self-similarity matrices side by side as a PNG (matplotlib, Agg backend).
 
     Each entry is one matrix [n, n] or a list of them (one per piece): a list is drawn as its
     mean matrix, and the panel title gives rep@k as mean ± std over its pieces
-    (``repetition_summary``), the same numbers a results table reports for that set."""
+    (``repetition_summary``), the same numbers a results table reports for that set.
+    ``prompt_bars`` > 0 draws dashed lines where the given prompt ends."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(matrices)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n + 1, 4.3), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n + 1, 4.6), squeeze=False)
     for ax, (name, mats) in zip(axes[0], matrices.items()):
         mats = [np.asarray(mats)] if np.asarray(mats[0]).ndim == 1 else [np.asarray(m) for m in mats]
         S = np.mean(mats, axis=0)
         im = ax.imshow(S, vmin=0, vmax=1, cmap="magma", origin="upper")
+        if prompt_bars:
+            ax.axvline(prompt_bars - 0.5, color="white", ls="--", lw=0.8)
+            ax.axhline(prompt_bars - 0.5, color="white", ls="--", lw=0.8)
         summ = repetition_summary(mats)
         lags = "/".join(str(k) for k in summ)
         label = f"{name} (mean of {len(mats)})" if len(mats) > 1 else name

@@ -70,7 +70,8 @@ def plot_pianorolls(pieces: Dict[str, np.ndarray], path, *, prompt_bars: int = 4
     ax.set_xticks(range(0, n_bars + 1, 1))
     ax.set_xlabel(f"bar (shaded: the {prompt_bars}-bar prompt; right of the black line: generated)")
     handles = [Patch(color=c, label=t) for c, t in zip(TRACK_COLOURS, T.TRACK_NAMES)]
-    axes[0, 0].legend(handles=handles, loc="upper right", fontsize=8, ncol=3, framealpha=0.9)
+    axes[0, 0].legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8,
+                      ncol=3, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
