@@ -191,6 +191,43 @@ def summary(logs: Path, out_json: Path, out_md: Path) -> None:
     out_json.write_text(json.dumps(doc, indent=1) + "\n")
     out_md.write_text("\n".join(md))
     print("\n".join(md))
+    plot_curves(doc, out_json.with_suffix(".png"))
+
+
+def plot_curves(doc: dict, path: Path, prefixes=("base-", "long-", "hidefields-", "event-")) -> None:
+    """Learning curves of the runs whose names start with ``prefixes`` (seed 0): NLL per note,
+    note accuracy on notes repeated 4 bars back, best head's attention on their source. Colour
+    = variant, line style = experiment (solid base, dashed long, dotted others)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("nll", "valid NLL per note (nats)"), ("note_acc_lag4", "all 5 fields right, notes repeated 4 bars back"),
+              ("src", "best head's attention mass on the note 4 bars back"))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    for name, run in doc["runs"].items():
+        if not name.startswith(prefixes):
+            continue
+        curve = run["curves"][0]
+        steps = [r["step"] for r in curve]
+        style = "-" if name.startswith("base-") else "--" if name.startswith("long-") else ":"
+        colour = f"C{VARIANTS.index(run['final'][0]['variant'])}"
+        for ax, (key, title) in zip(axes, panels):
+            if key == "src":
+                y = [max(r.get(f"L{i}_source4_best_head", 0) for i in range(4)) for r in curve]
+            else:
+                y = [r.get(key) for r in curve]
+            if any(v is not None for v in y):
+                ax.plot(steps, [float("nan") if v is None else v for v in y], style, color=colour,
+                        label=name)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
+    axes[2].axhline(curve[-1].get("L0_source4_chance", 0), color="0.5", lw=0.8, label="chance")
+    axes[0].set_yscale("log")
+    axes[2].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,8 @@ a seeded eighth of the training *songs*, validation and test unchanged), every s
 variant (Attn, RelAttn, RIPO, CirRelAttn, CirRelAttn-H), it trains one model with
 ``fastattn.music.train.train`` (resumable: an interrupted reproduction continues bit-for-bit),
 then evaluates the best checkpoint: validation and test NLL (total and per field), the next-bar
-test on the test split, and rep@k of continuations of test prompts next to the ground truth.
+test on the test split, and rep@k of continuations of test prompts next to the ground truth
+(both sampled with the authors' top-p 0.2 per field).
 
 Each finished run is one JSON line in ``OUT/runs.jsonl`` (skipped when rerun). ``report`` turns
 them into ``OUT/results.json`` and ``OUT/results.md``: mean ± std over seeds per variant, and
@@ -61,6 +62,9 @@ class Budget:
     continuations: int
     device: str = "cpu"
     threads: int = 2
+    top_p: float = 0.2
+    """Nucleus sampling of every field in the next-bar test and the continuations: 0.2 is the
+    authors' setting (their generate.py / evaluate.py defaults)."""
 
 
 BUDGETS: Dict[str, Budget] = {
@@ -166,10 +170,11 @@ def run_one(corpus, corpus_name: str, variant: str, seed: int, budget: Budget, o
         rec[f"{split}_nll"] = nll["nll"]
         rec[f"{split}_nll_fields"] = {k[4:]: v for k, v in nll.items() if k.startswith("nll_")}
     model = model.cpu()  # sampling runs token by token: CPU is fine and deterministic
+    sampling = SamplingConfig(top_p=budget.top_p)
     rec["next_bar"] = next_bar_test(model, corpus, "test", n_windows=budget.next_bar_windows,
-                                    sampling=SamplingConfig(top_k=8), seed=seed)
-    c = continue_windows(model, corpus, "test", budget.continuations,
-                         sampling=SamplingConfig(top_k=8), seed=seed)
+                                    sampling=sampling, seed=seed)
+    c = continue_windows(model, corpus, "test", budget.continuations, sampling=sampling,
+                         seed=seed)
     rec["rep"] = {str(k): v[0] for k, v in c.rep().items()}
     rec["rep_truth"] = {str(k): v[0] for k, v in c.rep_true().items()}
     rec["seconds"] = round(time.time() - t0, 1)
@@ -296,8 +301,9 @@ def markdown(rep: dict, reference: str = REFERENCE) -> str:
                   f"{b['n_layer']} layers × {b['d_model']}, {b['n_head']} heads, batch "
                   f"{b['batch_size']}, {b['steps']} steps, lr {b['lr']}; {r['train_windows']:,} "
                   f"training windows; convention {r['convention']}; mean ± std over seeds "
-                  f"(NLL in nats per note token; next-bar metrics on the test split; rep@k of "
-                  f"test continuations, ground truth "
+                  f"(NLL in nats per note token; next-bar metrics on the test split and rep@k "
+                  f"of test continuations, sampled with top-p {b.get('top_p', 0.2)}; rep@k of the "
+                  f"true windows "
                   + " / ".join(f"{m:.2f}" for m, _, _ in r["rep_truth"].values()) + ").", "",
                   "| variant | seeds | valid NLL | test NLL | pitch | position | duration | "
                   "note F1 | roll F1 | chroma | groove | rep@4 | rep@8 | rep@12 |",
