@@ -12,12 +12,14 @@ records rep@k; the final weights go next to the log (NAME-sSEED.pt).
     python bench/music_diagnose.py --summary     # -> bench/results/music_diagnosis.{json,md}
 
 Runs append to ``--logs`` (default /tmp/music_diagnose/NAME-sSEED.jsonl); a finished run (one with
-a "final" record) is skipped.
+a "final" record) is skipped, and so is a run another live process holds (NAME-sSEED.lock), so
+several queues can share one list.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -46,6 +48,12 @@ def _grid() -> dict:
         g[f"tables8x-{v}"] = (v, {}, {}, {"table_scale": 8.0})
         g[f"nolinear-{v}"] = (v, {"linear": False}, {}, {})
         g[f"alpha1-tables4x-{v}"] = (v, {"alpha": 1.0}, {}, {"table_scale": 4.0})
+    # The authors' initial scales at D = 16 (see diagnose.Ablation.index_scale), and the
+    # index and factor tables scaled apart.
+    g["authorsinit-CirRelAttn-H"] = ("CirRelAttn-H", {}, {}, {"table_scale": 1.155, "index_scale": 4.0})
+    g["authorsinit-RelAttn"] = ("RelAttn", {}, {}, {"index_scale": 4.0})
+    g["factors8x-CirRelAttn-H"] = ("CirRelAttn-H", {}, {}, {"table_scale": 8.0, "index_scale": 1.0})
+    g["index8x-CirRelAttn-H"] = ("CirRelAttn-H", {}, {}, {"index_scale": 8.0})
     for v in ("CirRelAttn", "CirRelAttn-H"):
         g[f"fields-{v}"] = (v, {}, {}, {"time_mode": "fields"})
         g[f"nbar9-{v}"] = (v, {}, {}, {"n_bar": 9})
@@ -76,6 +84,11 @@ def run(name: str, seed: int, logs: Path, probe_every: int, probe_windows: int,
     if log.exists() and any('"final"' in line for line in log.read_text().splitlines()):
         print(f"{log} is finished; skipping", flush=True)
         return
+    lock = log.with_suffix(".lock")
+    if lock.exists() and _alive(int(lock.read_text() or 0)):
+        print(f"{name} seed {seed} is being run by process {lock.read_text()}; skipping", flush=True)
+        return
+    lock.write_text(str(os.getpid()))
     if log.exists():
         log.unlink()  # an unfinished run starts over (its probes would be mixed otherwise)
     mc = ModelConfig(variant=variant, **{**BASE_MODEL, **mo})
@@ -105,7 +118,16 @@ def run(name: str, seed: int, logs: Path, probe_every: int, probe_windows: int,
     final["seconds"] = round(time.time() - t0, 1)
     with open(log, "a") as f:
         f.write(json.dumps(G.nan_to_none(final)) + "\n")
+    lock.unlink()
     print(json.dumps(final), flush=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return pid > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,6 +165,9 @@ def test_ablations():
     big = G.build_model(mc, G.Ablation(table_scale=4.0), seed=3)
     assert torch.allclose(big.blocks[0].attn.bar_table, 4 * base.blocks[0].attn.bar_table)
     assert torch.equal(big.blocks[0].attn.in_proj.weight, base.blocks[0].attn.in_proj.weight)
+    mixed = G.build_model(mc, G.Ablation(table_scale=2.0, index_scale=4.0), seed=3)
+    assert torch.allclose(mixed.blocks[0].attn.rel_index_table, 4 * base.blocks[0].attn.rel_index_table)
+    assert torch.allclose(mixed.blocks[0].attn.octave_table, 2 * base.blocks[0].attn.octave_table)
     small = G.build_model(mc, G.Ablation(n_bar=9))
     assert small.blocks[0].attn.bar_table.shape[0] == 9
     hid = G.build_model(mc, G.Ablation(hide_fields=("bar", "position")))
