@@ -75,10 +75,8 @@ def test_probe_set_labels_targets(rep):
 
 def _module_and_inputs(time_mode="quotient", variant="CirRelAttn-H", L=37):
     torch.manual_seed(0)
-    if time_mode == "fields":
-        m = G._fields_attention_class().from_variant(variant, 32, 2, max_len=64)
-    else:
-        m = CircularRelativeAttention.from_variant(variant, 32, 2, max_len=64)
+    m = CircularRelativeAttention.from_variant(
+        variant, 32, 2, max_len=64, time_mode="fields" if time_mode == "fields" else None)
     x = torch.randn(2, L, 32)
     onset = torch.sort(torch.randint(0, 16 * 48, (2, L)), dim=1).values
     onset[:, 0] = -1
@@ -93,7 +91,8 @@ def test_replayed_probabilities_reproduce_the_module(time_mode, variant):
     m, x, onset, pitch = _module_and_inputs(time_mode, variant)
     m.eval()
     with torch.no_grad(), G.recorded_attention() as calls:
-        y = m(x, onset, pitch)
+        y = m(x, onset, pitch, bar=torch.where(onset >= 0, onset // 48, -1),
+              position=torch.where(onset >= 0, onset % 48, -1))
     assert len(calls) == 1
     P = G.replay_probabilities(calls[0])                          # [B, H, L, L]
     B, L = onset.shape
@@ -105,29 +104,14 @@ def test_replayed_probabilities_reproduce_the_module(time_mode, variant):
     assert torch.allclose(out, y, atol=1e-5)
 
 
-def test_fields_attention_uses_bar_and_position_fields():
-    m, x, onset, pitch = _module_and_inputs("fields", "CirRelAttn-H")
-    assert m.pos_table.shape == (2 * 48 - 1, 16)
-    m.eval()
-    from fastattn.reference.circular_relative_attention import circular_relative_attention as ref
-    with torch.no_grad():
-        y = m(x, onset, pitch)
-        B, L, _ = x.shape
-        q, k, v = m.in_proj(x).view(B, L, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
-        bar = torch.where(onset >= 0, onset // 48, -1)
-        pos = torch.where(onset >= 0, onset % 48, -1)
-        o = ref(q, k, v, None, pitch, time_mode="fields", bar=bar, position=pos,
-                alpha=m.alpha, **m.relative_tables(), bar_res=48, bar_min=0, octave_min=-11,
-                rel_index_min=0, combine="hadamard", time_min=0, pitch_min=-127)
-        want = m.out_proj(o.transpose(1, 2).reshape(B, L, 32))
-    assert torch.allclose(y, want, atol=1e-5)
-    # Decoding with the KV cache gives the same outputs as the full pass.
-    cache = m.new_kv_cache(B)
-    with torch.no_grad():
-        steps = [m(x[:, t:t + 1], onset[:, t:t + 1], pitch[:, t:t + 1], kv_cache=cache)
-                 for t in range(L)]
-    assert torch.allclose(torch.cat(steps, 1), y, atol=1e-5)
-
+def test_fields_ablation_uses_the_modules_fields_time():
+    mc = ModelConfig(variant="CirRelAttn-H", n_layer=1, d_model=32, n_head=2, d_ff=64,
+                     max_len=64, convention="slides")
+    m = G.build_model(mc, G.Ablation(time_mode="fields"))
+    attn = m.blocks[0].attn
+    assert attn.time_mode == "fields" and attn.coordinate_names == ("bar", "position", "pitch")
+    assert attn.pos_table.shape == (2 * 48 - 1, 16)
+    assert G.build_model(mc).blocks[0].attn.time_mode == "onset"
 
 def test_attention_sums_by_hand():
     # One window, 4 tokens at onsets 0, 24, 192, 216 (bars 0, 0, 4, 4); L = 4, one head.

@@ -98,12 +98,13 @@ class ProbeSet(NamedTuple):
 
 
 def probe_set(corpus: D.WindowCorpus, split: str, indices: Sequence[int], representation: str,
-              max_len: int, lags: Sequence[int] = LAGS) -> ProbeSet:
-    """Tokenise windows ``indices`` of a split and label every target with its note's class."""
+              max_len: int, lags: Sequence[int] = LAGS, convention: str = "slides") -> ProbeSet:
+    """Tokenise windows ``indices`` of a split (coordinates in the model's ``convention``) and
+    label every target with its note's class."""
     wins, toks, cls_rows, copy_rows, kind_rows, track_rows = [], [], [], [], [], []
     for i in indices:
         w = T.canonical(corpus.window(split, int(i)))
-        tk = D.encode(w, representation, corpus.window_bars)
+        tk = D.encode(w, representation, corpus.window_bars, convention)
         cl, cp = note_classes(w, lags), copyable(w, lags)
         if representation == "note":
             is_note = tk.tokens[:, 0] == T.TYPE_NOTE            # SOS, notes…, EOS
@@ -234,7 +235,7 @@ def probe(model: MusicTransformer, ps: ProbeSet, *, batch_size: int = 8,
         b = D.Batch(*(t[sl] for t in ps.batch))
         cls, copy, kind, track = ps.cls[sl], ps.copy[sl], ps.kind[sl], ps.track[sl]
         with recorded_attention() if attention else contextlib.nullcontext() as calls:
-            logits = model(b.inputs, b.onset, b.pitch)
+            logits = model(b.inputs, b.onset, b.pitch, bar=b.bar, position=b.position)
         is_note = cls >= 0
         if rep == "note":
             per_field_ok, per_field_nll = [], []
@@ -340,42 +341,6 @@ class Ablation:
         return self == Ablation()
 
 
-def _fields_attention_class():
-    from fastattn.nn import CircularRelativeAttention
-    import fastattn.nn.circular_relative_attention as mod
-
-    class FieldsTimeAttention(CircularRelativeAttention):
-        """CircularRelativeAttention with ``time_mode="fields"``: bar = onset // bar_res and
-        position = onset mod bar_res per token (4/4 windows: exact), a 2·bar_res − 1 row
-        position table (Δposition = −47 … 47)."""
-
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            if self.bar_table is not None:
-                D = self.head_dim
-                std = float(self.pos_table.detach().std())
-                self.pos_table = nn.Parameter(torch.randn(2 * self.bar_res - 1, D) * std)
-
-        def forward(self, x, onset=None, pitch=None, key_padding_mask=None, kv_cache=None):
-            if self.bar_table is None:
-                return super().forward(x, onset, pitch, key_padding_mask, kv_cache)
-            real, res = mod.circular_relative_attention, self.bar_res
-
-            def fields_op(q, k, v, on, pi, **kw):
-                bar = torch.where(on >= 0, torch.div(on, res, rounding_mode="floor"), -1)
-                pos = torch.where(on >= 0, torch.remainder(on, res), -1)
-                return real(q, k, v, None, pi, time_mode="fields", bar=bar, position=pos, **kw)
-
-            # The module passes onset positionally; swap in the fields call for this forward.
-            mod.circular_relative_attention = fields_op
-            try:
-                return super().forward(x, onset, pitch, key_padding_mask, kv_cache)
-            finally:
-                mod.circular_relative_attention = real
-
-    return FieldsTimeAttention
-
-
 def build_model(cfg: ModelConfig, ablation: Ablation = Ablation(), seed: int = 0) -> MusicTransformer:
     """``torch.manual_seed(seed)``, then the MusicTransformer of ``cfg`` with ``ablation``
     applied (the attention modules are rebuilt only when the bar table or time mode change)."""
@@ -385,12 +350,14 @@ def build_model(cfg: ModelConfig, ablation: Ablation = Ablation(), seed: int = 0
     if ablation.n_bar != T.N_BARS or ablation.time_mode != "quotient":
         if ablation.time_mode not in ("quotient", "fields"):
             raise ValueError(f"time_mode must be 'quotient' or 'fields', got {ablation.time_mode!r}")
-        cls = _fields_attention_class() if ablation.time_mode == "fields" else CircularRelativeAttention
+        # time_mode "fields": the module's own option (bar and position per token, a
+        # 2·bar_res − 1 row position table), the authors' way of reading time.
         for blk in model.blocks:
-            blk.attn = cls.from_variant(cfg.variant, cfg.d_model, cfg.n_head, max_len=cfg.max_len,
-                                        alpha=cfg.alpha, bar_res=T.BAR_RES, n_bar=ablation.n_bar,
-                                        dropout=cfg.dropout, linear=cfg.linear,
-                                        backend=cfg.backend)
+            blk.attn = CircularRelativeAttention.from_variant(
+                cfg.variant, cfg.d_model, cfg.n_head, max_len=cfg.max_len, alpha=cfg.alpha,
+                bar_res=T.BAR_RES, n_bar=ablation.n_bar, dropout=cfg.dropout, linear=cfg.linear,
+                backend=cfg.backend, convention=cfg.convention, time_mode=ablation.time_mode
+                if ablation.time_mode == "fields" else None)
     index_scale = ablation.table_scale if ablation.index_scale is None else ablation.index_scale
     if ablation.table_scale != 1.0 or index_scale != 1.0:
         with torch.no_grad():
@@ -440,12 +407,13 @@ def train_with_probes(model_cfg: ModelConfig, tc, corpus: D.WindowCorpus, ps: Pr
     for step in range(tc.max_steps):
         idx, shifts = D.batch_indices(n_train, tc.batch_size, tc.seed, step, tc.max_shift)
         batch = D.corpus_batch(corpus, "train", idx, model_cfg.representation,
-                               model_cfg.max_len, shifts)
+                               model_cfg.max_len, shifts, model_cfg.convention)
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr
         loss = loss_from_parts(model.loss_parts(batch.inputs, batch.targets, batch.onset,
-                                                batch.pitch))
+                                                batch.pitch, bar=batch.bar,
+                                                position=batch.position))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastattn._io import append_jsonl, read_jsonl
+
 VARIANTS = ("Attn", "RelAttn", "RIPO", "CirRelAttn", "CirRelAttn-H")
 
 
@@ -27,17 +29,16 @@ def run(corpus_name: str, data, songs: int, seeds, steps: int, out: Path, max_le
     import torch
 
     from fastattn.music.model import ModelConfig
-    from fastattn.music.reproduce import load
+    from fastattn.music.corpus import load_corpus
     from fastattn.music.train import TrainConfig, train
 
     torch.set_num_threads(2)
-    corpus = load("synthetic" if data is None else "pop909", data, songs=songs)
+    corpus = load_corpus(data, songs=songs, progress=False)
     print(f"{corpus_name}: {corpus.summary()}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"{corpus_name}.jsonl"
-    done = set()
-    if log.exists():
-        done = {(r["variant"], r["seed"]) for r in map(json.loads, log.read_text().splitlines())}
+    # read_jsonl drops a last line cut short by a kill (that run is redone).
+    done = {(r["variant"], r["seed"]) for r in read_jsonl(log)}
     t_start = time.time()
     for seed in seeds:
         for variant in VARIANTS:
@@ -59,8 +60,7 @@ def run(corpus_name: str, data, songs: int, seeds, steps: int, out: Path, max_le
                    "val_nll": h["val_nll"], "val_loss": h["val_loss"],
                    **{k: v for k, v in h.items() if k.startswith("val_nll_")},
                    "seconds": round(time.time() - t0, 1)}
-            with open(log, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_jsonl(log, rec)
             print(json.dumps(rec), flush=True)
 
 
@@ -68,7 +68,7 @@ def table(out: Path) -> str:
     """Markdown table of mean ± std validation NLL per corpus and variant."""
     rows = []
     for log in sorted(out.glob("*.jsonl")):
-        recs = [json.loads(l) for l in log.read_text().splitlines()]
+        recs = read_jsonl(log)
         for v in VARIANTS:
             x = np.array([r["val_nll"] for r in recs if r["variant"] == v])
             p = np.array([r["val_nll_pitch"] for r in recs if r["variant"] == v])

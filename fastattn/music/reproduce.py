@@ -16,19 +16,20 @@ that positive favours CirRelAttn-H, s = its standard deviation over seeds).
 
 A ``Budget`` fixes model size and training; ``BUDGETS["paper"]`` is the authors' configuration
 (4 layers × 256, batch 32, 50k steps; for a GPU). ``convention`` selects the attention
-convention of the model ("slides", the module's default; "authors" once the model exposes the
-authors' preset) and is recorded with every run.
+convention of the model ("authors", the paper's code and the default, or "slides") and is
+recorded with every run.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from fastattn._io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 
 VARIANTS = ("Attn", "RelAttn", "RIPO", "CirRelAttn", "CirRelAttn-H")
 REFERENCE = "CirRelAttn-H"
@@ -92,19 +93,14 @@ def load(corpus: str, data: Optional[str] = None, *, seed: int = 0, songs: int =
     """The WindowCorpus of ``corpus``: "synthetic" (embedded), "pop909" (folder ``data``,
     first ``songs`` songs when > 0) or "pop909-eighth" (``eighth`` of "pop909")."""
     if corpus == "synthetic":
-        from fastattn.music.synthetic import SyntheticConfig, synthetic_corpus
-        return synthetic_corpus(SyntheticConfig(seed=seed))
+        from fastattn.music.corpus import load_corpus
+        return load_corpus(None, seed=seed)
     if corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {list(CORPORA)}, got {corpus!r}")
     if data is None:
         raise ValueError(f"corpus {corpus!r} needs --data (the POP909 folder)")
-    from fastattn.music.pop909 import load_midi_folder
-    subset = None
-    if songs:
-        names = sorted(p.name for p in Path(data).iterdir()
-                       if p.is_dir() or p.suffix.lower() in (".mid", ".midi"))
-        subset = names[:songs]
-    c = load_midi_folder(data, seed=seed, songs=subset, cache_dir=cache_dir)
+    from fastattn.music.corpus import load_corpus
+    c = load_corpus(data, seed=seed, songs=songs, cache_dir=cache_dir, progress=False)
     return eighth(c, seed) if corpus == "pop909-eighth" else c
 
 
@@ -121,20 +117,13 @@ def eighth(corpus, seed: int = 0, fraction: float = 1 / 8):
                         dict(corpus.skipped), {**corpus.stats, "train_songs": int(len(keep))})
 
 
-def model_config(variant: str, budget: Budget, convention: str = "slides",
+def model_config(variant: str, budget: Budget, convention: str = "authors",
                  representation: str = "note"):
-    """ModelConfig of one run. ``convention`` other than "slides" needs a ModelConfig field
-    ``convention`` (the authors' preset); without it this raises ValueError."""
+    """ModelConfig of one run (``convention``: "authors", the paper's code, or "slides")."""
     from fastattn.music.model import ModelConfig
-    kw = dict(representation=representation, variant=variant, n_layer=budget.n_layer,
-              d_model=budget.d_model, n_head=budget.n_head, d_ff=budget.d_ff,
-              dropout=budget.dropout, max_len=budget.max_len)
-    if "convention" in {f.name for f in fields(ModelConfig)}:
-        kw["convention"] = convention
-    elif convention != "slides":
-        raise ValueError(f"convention {convention!r} needs a model with the authors' preset "
-                         "(ModelConfig.convention); this build only has the slides' convention")
-    return ModelConfig(**kw)
+    return ModelConfig(representation=representation, variant=variant, n_layer=budget.n_layer,
+                       d_model=budget.d_model, n_head=budget.n_head, d_ff=budget.d_ff,
+                       dropout=budget.dropout, max_len=budget.max_len, convention=convention)
 
 
 def train_config(budget: Budget, seed: int, out_dir: str):
@@ -147,7 +136,7 @@ def train_config(budget: Budget, seed: int, out_dir: str):
 
 
 def run_one(corpus, corpus_name: str, variant: str, seed: int, budget: Budget, out: Path,
-            convention: str = "slides", representation: str = "note") -> dict:
+            convention: str = "authors", representation: str = "note") -> dict:
     """Train (or resume) one run and evaluate its best checkpoint; returns its record."""
     from fastattn.music.evaluate import next_bar_test
     from fastattn.music.generate import SamplingConfig
@@ -183,7 +172,7 @@ def run_one(corpus, corpus_name: str, variant: str, seed: int, budget: Budget, o
 
 def reproduce(out, corpora: Sequence[str] = ("synthetic",), variants: Sequence[str] = VARIANTS,
               seeds: Sequence[int] = (0, 1, 2), budget: Budget = BUDGETS["cpu"], *,
-              data: Optional[str] = None, songs: int = 0, convention: str = "slides",
+              data: Optional[str] = None, songs: int = 0, convention: str = "authors",
               representation: str = "note", cache_dir=None, log=print) -> List[dict]:
     """Run every (corpus, seed, variant) not yet in ``out/runs.jsonl``; returns all records."""
     import torch
@@ -202,8 +191,7 @@ def reproduce(out, corpora: Sequence[str] = ("synthetic",), variants: Sequence[s
                     corpus = load(name, data, songs=songs, cache_dir=cache_dir)
                     log(f"{name}: {corpus.summary()}")
                 rec = run_one(corpus, name, variant, seed, budget, out, convention, representation)
-                with open(path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                append_jsonl(path, rec)
                 log(f"{name} {variant} seed {seed}: valid NLL {rec['valid_nll']:.4f}, test NLL "
                     f"{rec['test_nll']:.4f}, note F1 {rec['next_bar']['note_f1']:.3f} "
                     f"({rec['seconds'] / 60:.1f} min)")
@@ -211,10 +199,7 @@ def reproduce(out, corpora: Sequence[str] = ("synthetic",), variants: Sequence[s
 
 
 def read_runs(path) -> List[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)  # a last line cut short by a kill is dropped: that run is redone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,13 +321,23 @@ def write_report(out) -> dict:
     """Read ``out/runs.jsonl`` and write ``out/results.json`` and ``out/results.md``."""
     out = Path(out)
     rep = report(read_runs(out / "runs.jsonl"))
-    (out / "results.json").write_text(json.dumps(rep, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(rep) + "\n")
+    atomic_write_json(out / "results.json", rep, indent=1)
+    atomic_write_text(out / "results.md", markdown(rep) + "\n")
     return rep
 
 
 def budget_from(name: str, **overrides) -> Budget:
-    """A named budget with fields replaced (None values ignored)."""
+    """A named budget with fields replaced (None values ignored). A new ``steps`` keeps the
+    schedule's shape: warm-up and decay scale with it, evaluations stay within it."""
     if name not in BUDGETS:
         raise ValueError(f"budget must be one of {list(BUDGETS)}, got {name!r}")
-    return replace(BUDGETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    b = BUDGETS[name]
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    steps = kw.get("steps")
+    if steps is not None and steps != b.steps:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        kw.setdefault("warmup", round(b.warmup * steps / b.steps))
+        kw.setdefault("decay_steps", max(round(b.decay_steps * steps / b.steps), 1))
+        kw.setdefault("eval_every", min(b.eval_every, steps))
+    return replace(b, **kw)
