@@ -55,15 +55,15 @@ def test_model_config_and_budgets():
     assert (mc.n_layer, mc.d_model, mc.n_head, mc.d_ff, mc.dropout) == (4, 256, 8, 1024, 0.2)
     paper = R.BUDGETS["paper"]
     assert (paper.batch_size, paper.steps, paper.lr, paper.warmup) == (32, 50000, 8e-5, 5000)
-    assert R.budget_from("cpu", steps=7, device=None).steps == 7
+    assert (mc.convention, R.model_config("Attn", paper, "slides").convention) == ("authors", "slides")
+    # A new step count keeps the schedule's shape (cpu: warm-up 10 %, decay over the run).
+    b = R.budget_from("cpu", steps=800, device=None)
+    assert (b.steps, b.warmup, b.decay_steps, b.eval_every) == (800, 80, 800, 300)
+    assert R.budget_from("cpu", steps=100).eval_every == 100
+    assert R.budget_from("cpu", steps=800, warmup=5).warmup == 5
+    assert R.budget_from("paper") == paper and paper.device == "auto"
     with pytest.raises(ValueError, match="budget"):
         R.budget_from("huge")
-    from dataclasses import fields
-
-    from fastattn.music.model import ModelConfig
-    if "convention" not in {f.name for f in fields(ModelConfig)}:
-        with pytest.raises(ValueError, match="authors"):
-            R.model_config("Attn", R.BUDGETS["tiny"], convention="authors")
     with pytest.raises(ValueError, match="data"):
         R.load("pop909", None)
 

@@ -172,6 +172,7 @@ def _demo(args) -> int:
         raise UsageError(f"--variants: unknown {bad}; choose from {','.join(VARIANTS)}")
     cfg = DemoConfig(data=args.data, out_dir=args.out, steps=args.steps, d_model=args.dim,
                      dropout=args.dropout, top_p=args.top_p, continuations=args.continuations,
+                     convention=args.convention,
                      representation=args.representation, variants=tuple(args.variants.split(",")),
                      seed=args.seed, songs=args.songs)
     run_demo(cfg)
@@ -277,6 +278,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="nucleus sampling of every field (the authors': 0.2)")
     p.add_argument("--continuations", type=positive_int, default=8,
                    help="prompts continued per variant (rep@k is mean ± std over them)")
+    p.add_argument("--convention", choices=["authors", "slides"], default="authors",
+                   help="attention convention of the models")
     p.add_argument("--representation", choices=["note", "event"], default="note")
     p.add_argument("--variants", default="Attn,CirRelAttn-H")
     p.add_argument("--seed", type=seed, default=0)

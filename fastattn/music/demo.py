@@ -45,6 +45,8 @@ class DemoConfig:
     """Dropout; 0 learns to copy sooner at this budget (the diagnosis' nodropout run)."""
     top_p: float = 0.2
     """Nucleus sampling per field of the continuations and the next-bar test (the authors')."""
+    convention: str = "authors"
+    """Attention convention of the models ("authors" or "slides"; ``ModelConfig.convention``)."""
     probe_windows: int = 16
     """Validation windows of the teacher-forced probes (copy accuracy, attention mass)."""
     representation: str = "note"
@@ -88,7 +90,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
         t0 = time.time()
         mc = ModelConfig(representation=cfg.representation, variant=variant, n_layer=2,
                          d_model=cfg.d_model, n_head=4, d_ff=4 * cfg.d_model,
-                         dropout=cfg.dropout,
+                         dropout=cfg.dropout, convention=cfg.convention,
                          max_len=1024 if cfg.representation == "note" else 4096)
         tc = TrainConfig(lr=1e-3, warmup_steps=max(cfg.steps // 10, 1), decay_steps=cfg.steps,
                          batch_size=cfg.batch_size, max_steps=cfg.steps,
@@ -142,7 +144,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
         lines.append("| ground truth | " + " | ".join(["–"] * len(cols)
                                                      + rep_cells(truth, "repetition_truth")) + " |")
     table = "\n".join(lines)
-    head = (f"Validation, {cfg.steps} steps per variant ({cfg.representation}-based; NLL in nats "
+    head = (f"Validation, {cfg.steps} steps per variant ({cfg.representation}-based, "
+            f"{cfg.convention}' convention, 2 layers × {cfg.d_model}, dropout {cfg.dropout}; NLL in nats "
             f"per token; probes teacher-forced on {cfg.probe_windows} windows; next-bar metrics "
             f"over {cfg.next_bar_windows} windows; continuations and next bars sampled with "
             f"top-p {cfg.top_p}; {cfg.continuations} continuations per variant; {REP_DEFINITION})")
