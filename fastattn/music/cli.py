@@ -278,8 +278,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="nucleus sampling of every field (the authors': 0.2)")
     p.add_argument("--continuations", type=positive_int, default=8,
                    help="prompts continued per variant (rep@k is mean ± std over them)")
-    p.add_argument("--convention", choices=["authors", "slides"], default="authors",
-                   help="attention convention of the models")
+    p.add_argument("--convention", choices=["authors", "slides"], default="slides",
+                   help="attention convention of the models (default: the slides', where this "
+                        "budget shows the copying; see the README)")
     p.add_argument("--representation", choices=["note", "event"], default="note")
     p.add_argument("--variants", default="Attn,CirRelAttn-H")
     p.add_argument("--seed", type=seed, default=0)
