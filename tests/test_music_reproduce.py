@@ -129,3 +129,15 @@ def test_pop909_eighth_on_real_songs(tmp_path):
     from fastattn.music import diagnose as G
     ps = G.probe_set(full, "train", [0, 5], "note", 1024)
     assert (ps.cls == G.CLASSES.index("lag4")).sum() > 0 and (ps.cls == G.CLASSES.index("none")).sum() > 0
+
+
+def test_logs_survive_a_write_cut_short(tmp_path):
+    """A kill in the middle of appending a record leaves a partial last line: the experiment's
+    table and the reproduction's reader drop it (that run is redone) instead of crashing."""
+    from fastattn.music import experiment as E
+    rec = {"corpus": "synthetic", "variant": "Attn", "seed": 0, "val_nll": 2.0,
+           "val_nll_pitch": 1.0}
+    (tmp_path / "synthetic.jsonl").write_text(json.dumps(rec) + "\n" + '{"corpus": "synth')
+    assert "| synthetic | Attn | 1 | 2.000 ± 0.000 | 1.000 ± 0.000 |" in E.table(tmp_path)
+    (tmp_path / "runs.jsonl").write_text(json.dumps(rec) + "\n" + '{"corpus": "synth')
+    assert R.read_runs(tmp_path / "runs.jsonl") == [rec]
