@@ -112,6 +112,18 @@ def test_reproduce_cli_tiny_end_to_end(tmp_path):
     assert len(R.read_runs(out / "runs.jsonl")) == 2
 
 
+def test_reproduce_paper_flag_resolves_the_authors_configuration(capsys):
+    """One flag turns the CPU run into the paper's (4 × 256, batch 32, 50k steps, on a GPU when
+    there is one); --dry-run shows it without training."""
+    from fastattn.music.cli import main
+    assert main(["reproduce", "--paper", "--dry-run", "--corpora", "pop909,pop909-eighth"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    b = plan["budget"]
+    assert (b["n_layer"], b["d_model"], b["n_head"], b["d_ff"], b["batch_size"], b["steps"],
+            b["device"]) == (4, 256, 8, 1024, 32, 50000, "auto")
+    assert plan["convention"] == "authors" and plan["seeds"] == [0, 1, 2]
+
+
 POP909 = Path(os.environ.get("FASTATTN_POP909",
                              Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pop909"))
 

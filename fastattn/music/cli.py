@@ -182,9 +182,16 @@ def _demo(args) -> int:
 def _reproduce(args) -> int:
     from fastattn.music import reproduce as R
     out = Path(args.out)
+    budget = R.budget_from("paper" if args.paper else args.budget, steps=args.steps,
+                           device=args.device, threads=args.threads)
+    if args.dry_run:
+        import json
+        from dataclasses import asdict
+        print(json.dumps({"budget": asdict(budget), "convention": args.convention,
+                          "corpora": args.corpora.split(","), "variants": args.variants.split(","),
+                          "seeds": args.seeds, "out": str(out)}, indent=1))
+        return 0
     if not args.report_only:
-        budget = R.budget_from("paper" if args.paper else args.budget, steps=args.steps,
-                               device=args.device, threads=args.threads)
         R.reproduce(out, corpora=args.corpora.split(","), variants=args.variants.split(","),
                     seeds=args.seeds, budget=budget, data=args.data, songs=args.songs,
                     convention=args.convention, cache_dir=args.cache)
@@ -304,6 +311,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="relative-attention rules and event coordinates (default: the authors')")
     p.add_argument("--out", default="runs/music-reproduce")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved budget and the runs, train nothing")
     p.set_defaults(func=_reproduce)
     return music
 
