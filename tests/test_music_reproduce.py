@@ -92,6 +92,7 @@ def test_report_and_markdown_by_hand():
     assert ("c: CirRelAttn-H better than Attn on test_nll by +0.2100 ± 0.0100, seeds agree 3/3"
             in md)
     assert "| Attn | 3 | 1.720 ± 0.020 | 1.220 ± 0.020 | 0.610 ± 0.010 |" in md
+    assert R.report(recs + recs[:2]) == R.report(recs)          # a run logged twice counts once
 
 
 def test_reproduce_cli_tiny_end_to_end(tmp_path):

@@ -237,7 +237,9 @@ def paired(ref: Dict[int, float], other: Dict[int, float], lower_is_better: bool
 
 def report(records: Sequence[dict], reference: str = REFERENCE) -> dict:
     """Aggregate runs: per corpus, per variant mean ± std over seeds of every metric, and per
-    baseline the paired comparison with ``reference`` on every metric."""
+    baseline the paired comparison with ``reference`` on every metric. A run recorded twice (two
+    processes sharing one log) counts once: its last record."""
+    records = list({(r["corpus"], r["variant"], r["seed"]): r for r in records}.values())
     out: dict = {}
     for corpus in sorted({r["corpus"] for r in records}, key=lambda c: (c not in CORPORA, c)):
         rs = [r for r in records if r["corpus"] == corpus]
