@@ -326,7 +326,10 @@ def cuda_attention_plans() -> Dict[tuple, dict]:
         asm = _cra_terms.assemble(q, 1024, coord, coord, kw, "hadamard", "quotient")
         for arch, limit in MAX_SMEM_PER_BLOCK.items():
             for kernel, bwd in (("fwd_kernel", False), ("bwd_kernel", True)):
-                plans[(kernel, name, arch)] = emu.plan(q, q, q, asm.table, asm.coords, asm.terms, True, bwd, limit)
+                try:
+                    plans[(kernel, name, arch)] = emu.plan(q, q, q, asm.table, asm.coords, asm.terms, True, bwd, limit)
+                except RuntimeError as exc:  # the op refuses: the tables do not fit a block
+                    plans[(kernel, name, arch)] = {"error": str(exc).split(":", 1)[-1].split(";")[0].strip()}
     return plans
 
 
@@ -341,7 +344,9 @@ def cuda_rows(log_text: str, plans: Optional[Dict[tuple, dict]] = None) -> List[
         row.num_warps = 4  # every csrc/cuda kernel launches 128-thread blocks (fa_cuda.h)
         m = re.search(r"(fwd_kernel|bwd_kernel)<(\w+)>", row.kernel)
         plan = (plans or {}).get((m.group(1), _TEMPLATE_DTYPE.get(m.group(2)), row.arch)) if m else None
-        if plan is not None:
+        if plan is not None and "error" in plan:
+            row.notes.append(f"paper config: no plan ({plan['error']})")
+        elif plan is not None:
             row.smem = (row.smem or 0) + plan["smem"]
             row.notes.append(f"paper config plan: BQ={plan['BQ']} BK={plan['BK']} dynamic smem {plan['smem']} B")
         if row.regs is not None:
@@ -375,6 +380,42 @@ def first_call_latency(backend: str = "triton", L: int = 1024) -> List[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------- summary
+
+def markdown(csv_path: Path) -> str:
+    """README tables from a CSV of this script: the paper's configuration kernel by kernel, then
+    the worst case per configuration group."""
+    rows = list(csv.DictReader(open(csv_path)))
+    num = lambda x: int(float(x)) if x not in ("", None) else None  # noqa: E731
+    out = ["| kernel (paper's config: bf16, D = 64, Hadamard) | arch | regs | spill stores / loads | "
+           "smem | warps | blocks / SM | compile |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["backend"] == "triton" and r["paper"] == "True":
+            mode = r["config"].split()[-1]
+            out.append(f"| Triton `{r['kernel']}` ({mode}) | sm_{r['arch']} | {r['regs']} | "
+                       f"{r['spill_stores']} / {r['spill_loads']} B | {num(r['smem']) // 1024} KB | "
+                       f"{r['num_warps']} | {r['blocks_per_sm']} | {float(r['compile_s']):.1f} s |")
+    for r in rows:
+        if r["backend"] == "cuda" and r["paper"] == "True" and re.search(r"(fwd|bwd)_kernel<__nv_bfloat16>", r["kernel"]):
+            out.append(f"| CUDA `{r['kernel']}` | sm_{r['arch']} | {r['regs']} | {r['spill_stores']} / "
+                       f"{r['spill_loads']} B | {(num(r['smem']) or 0) // 1024} KB | 4 | {r['blocks_per_sm']} | |")
+    groups: Dict[tuple, list] = {}
+    for r in rows:
+        key = (r["backend"], " ".join(r["config"].split()[:2]) if r["backend"] == "triton" else r["config"],
+               r["arch"])
+        groups.setdefault(key, []).append(r)
+    out += ["", "| kernels | arch | count | spilling | worst spill stores / loads | max regs | max compile |",
+            "|---|---|---|---|---|---|---|"]
+    for (backend, cfg, arch), rs in sorted(groups.items()):
+        spilling = [r for r in rs if num(r["spill_stores"]) or num(r["spill_loads"])]
+        worst = max(rs, key=lambda r: (num(r["spill_stores"]) or 0) + (num(r["spill_loads"]) or 0))
+        comp = [float(r["compile_s"]) for r in rs if r["compile_s"]]
+        out.append(f"| {backend} {cfg} | sm_{arch} | {len(rs)} | {len(spilling)} | {worst['spill_stores']} / "
+                   f"{worst['spill_loads']} B | {max(num(r['regs']) or 0 for r in rs)} | "
+                   f"{f'{max(comp):.1f} s' if comp else ''} |")
+    return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------- driver
 
 def attention_configs(quick: bool):
@@ -399,9 +440,13 @@ def main(argv=None) -> int:
                     default=["attention", "sae", "cuda"])
     ap.add_argument("--cuda-log", type=Path, help="parse this nvcc -Xptxas -v log instead of compiling")
     ap.add_argument("--out", type=Path, help="CSV to write (default: print only)")
+    ap.add_argument("--markdown", type=Path, metavar="CSV", help="print README tables from a CSV and exit")
     ap.add_argument("--first-call", action="store_true",
                     help="on a GPU: also time the first (cold cache) and second call of the Triton op")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(args.markdown))
+        return 0
 
     rows: List[Row] = []
 

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fastattn  # noqa: E402
-from helpers import assert_close, make_problem, run  # noqa: E402
+from helpers import assert_close, lowp_compare, make_problem, run  # noqa: E402
 from test_circular_relative_attention import _emu_cra, compare, needs_emu, needs_triton  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,9 +44,12 @@ def _poison(case, q, k, v, kw, b=1, h=1, at=3):
     return at if case in ("k", "v") else None
 
 
+CASES = [(c, 9, 9) for c in ("q", "k", "v", "table", "overflow", "-overflow")] + \
+    [(c, 1, 300) for c in ("k", "-overflow")]  # decoding: the split-key path and its merge
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["q", "k", "v", "table", "overflow", "-overflow"])
-@pytest.mark.parametrize("Lq,Lk", [(9, 9), (1, 300)], ids=["train", "decode"])
+@pytest.mark.parametrize("case,Lq,Lk", CASES, ids=[f"{c}-{'decode' if lq == 1 else 'train'}" for c, lq, _ in CASES])
 def test_divergence_gives_nan_never_zeros(backend, case, Lq, Lk):
     """NaN inputs, a NaN table row and overflowing logits give NaN outputs where the reference
     has NaN (divergence is never hidden as zeros); the other rows stay as the reference's. For
@@ -80,14 +83,19 @@ def test_nan_reaches_the_gradients(backend):
 
 
 @needs_triton
-@pytest.mark.parametrize("cap", [80, 90])
-def test_triton_attention_tiles_of_each_generation(cap):
-    """The launchers choose tiles per GPU generation (sm_80's backward: 32-row query tiles):
-    each generation's tiles, run in the interpreter, match the reference (forward, every
-    gradient; several query and key tiles, partial tiles, the index band across tiles)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_attention_gpu_tiles(dtype):
+    """What a GPU runs (bench/gpu_resources.py checks its registers): the GPU tiles (fp32: 32 query
+    rows and 8 warps; 16-bit: 64-row forward tiles) and the two-pass backward, in the
+    interpreter, match the reference (forward and every gradient; several query and key tiles,
+    partial tiles, the index band across tiles)."""
     from fastattn.triton._common import compile_target
-    with compile_target(cap):
-        compare("triton", torch.float32, terms="all", B=1, H=1, Lq=40, Lk=70, D=16, kpm=True)
+    cfg = dict(terms="all", B=1, H=1, Lq=70, Lk=101, D=16, kpm=True)
+    with compile_target(90):
+        if dtype == torch.float32:
+            compare("triton", dtype, **cfg)
+        else:
+            lowp_compare("triton", dtype, **cfg)
 
 
 @needs_triton

@@ -4,28 +4,38 @@ Same interface as the C++ op: the concatenated table [Ht, N, D], int32 coordinat
 the term integers built by ``fastattn.ops._cra_terms.assemble``. Two kinds of terms:
 
 - the index term (at most one, first in the table): per (query tile, key tile) its rows form a
-  band of BM + BN - 1 consecutive Δn values, so one ``tl.dot`` of the query tile with that band of
-  the table gives every score the tile needs, picked per (query, key) with ``tl.gather``;
+  band of BM + BN - 1 consecutive Δn values;
 - the other terms ("small": decomposed/direct time and pitch, at most 4, all rows after the index
-  block, SPAD ≥ their row count): q·E for all their rows is one ``tl.dot`` per query tile, kept in
-  registers for the whole key loop and gathered per (query, key) by the index rules of
-  ``csrc/include/cra_common.h`` computed from O(L) coordinates.
+  block), whose row per (query, key) follows the index rules of ``csrc/include/cra_common.h``
+  from O(L) coordinates.
 
-Forward: flash-style online softmax; saves out and log-sum-exp only.
-Backward (deterministic, no float atomics): one kernel over (group of query tiles, batch·head).
+Relative scores come per key tile in CH-row slices of the table: q·E for one slice is a [BM, CH]
+tensor-core dot, read per (query, key) with ``tl.gather`` (_logits). The index term takes the
+slices of its band; a small term the slices between the lowest and highest row the tile's
+visible pairs use, which for music (onsets and pitches change slowly along a sequence) is a
+few slices, not the whole block: the paper's Hadamard tables have 1,032 small rows, and holding
+q·E for all of them ([BM, 2048] in registers, the first design) spilled hundreds of kilobytes
+per thread and took half an hour to compile.
+
+Forward: flash-style online softmax; saves out and log-sum-exp only. Decoding with few programs
+splits the keys and merges the partial softmaxes (_cra_combine_kernel).
+Backward (deterministic, no float atomics): programs over (group of query tiles, batch·head).
 Each program owns its query rows (dq) and accumulates dK/dV, the index-table gradient (indexed by
 Δn) and the small-table gradient into scratch regions that only it touches; torch sums the groups
 afterwards in a fixed order. Triton has no register scatter-add, so dS reaches the small tables
-through a per-program scratch row block [BM, SPAD]: per key tile, each query's (row, key) pairs are
-sorted (a bitonic network of gathers), runs of equal rows summed by a segmented scan, and only each
-run's end adds into the scratch, so every address is written once (deterministic, no atomics, no
-[BM, BN, SPAD] one-hot); after the key loop the scratch goes through two dots in column chunks.
-Decoding with few programs splits the keys and merges the partial softmaxes (_cra_combine_kernel).
-Open on a GPU: q·E for the small rows is still held in registers ([BM, SPAD]); with the paper's
-Hadamard tables (SPAD = 2048) that is too much for one program and needs measuring.
+through a per-program scratch row block [BM, rows]: per key tile, each query's (row, key) pairs
+are sorted (a bitonic network of gathers), runs of equal rows summed by a segmented scan, and
+only each run's end adds into the scratch, so every address is written once (deterministic, no
+atomics, no [BM, BN, rows] one-hot); after the key loop the touched scratch columns go through
+two dots in CH-column slices. On a GPU the backward is two passes (small-term gradient, then dq,
+dK, dV and the index gradient): one kernel doing both spills.
+
+Tiles per dtype and head dim (_Plan; bench/gpu_resources.py checks registers, spills and shared
+memory for sm_80 and sm_90 ahead of time). NaN inputs, NaN table rows and overflowing logits give
+NaN outputs, as the reference does; rows without a visible key give zeros.
 
 Dtypes: fp32, fp16, bf16 (fp32 accumulation). Under TRITON_INTERPRET=1 the kernels run on CPU
-tensors (tests).
+tensors (tests) with tiles sized for the interpreter and one backward pass.
 """
 from __future__ import annotations
 
@@ -500,22 +510,23 @@ class _Plan:
         self.tp = torch.tensor(rows or [[0] * _SMALL_INTS], dtype=torch.int32, device=table.device)
         self.BD = max(16, triton.next_power_of_2(D))
         self.nsmall = max(self.N - self.small_off, 1)
-        # Tiles (query rows x keys; CH-row slices of the tables), per GPU generation: checked by
-        # bench/gpu_resources.py (no spills, two 4-warp programs per SM at the paper's
-        # configuration). sm_80's backward needs 32-row query tiles (mma.sync operands live in
-        # registers); decoding uses 16-row query tiles.
-        cap = capability(table.device)
-        if cap is None:  # the interpreter: one backward pass, tiles sized to the problem (its
-            # cost is per step, and per key for the segmented scan)
+        # Tiles (query rows x keys; CH-row slices of the tables) for a GPU, checked for sm_80 and
+        # sm_90 by bench/gpu_resources.py: no spills for 16-bit inputs with D <= 128 and fp32
+        # with D <= 64 (fp32 products are FMA dots holding D-long operand slices in registers),
+        # two 4-warp programs per SM at the paper's configuration (bf16, D = 64). The backward
+        # takes 32 query rows, fp32 and D = 128 take 8 warps, decoding 16 query rows and 4 warps.
+        half = table.dtype in (torch.float16, torch.bfloat16)
+        if capability(table.device) is None:  # the interpreter: one backward pass, tiles sized to
+            # the problem (its cost is per step, and per key for the segmented scan)
             self.BM = min(64, max(16, triton.next_power_of_2(Lq)))
             self.BN = min(64, max(16, triton.next_power_of_2(Lk)))
-            self.CH, self.passes = 128, (0,)
+            self.CH, self.passes, self.num_warps = 128, (0,), 4
         else:
-            self.BM = 16 if Lq <= 16 else (32 if backward and cap < 90 else 64)
+            self.BM = 16 if Lq <= 16 else (64 if half and not backward else 32)
             self.BN = self.CH = 32
             self.passes = (1, 2) if self.ns else (2,)
+            self.num_warps = 4 if (half and D <= 64) or Lq <= 16 else 8
         self.NIDX = triton.cdiv(self.BM + self.BN - 1, self.CH)  # slices of an index band
-        self.num_warps = 4
         n_mtiles = triton.cdiv(Lq, self.BM)
         # Δn of every band slice any tile pair can touch: [DN0, DN0 + NDN)
         self.DN0 = (Lk - Lq) - (triton.cdiv(Lk, self.BN) * self.BN - 1)
