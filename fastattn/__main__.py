@@ -1,5 +1,4 @@
-import sys
-
+from fastattn._args import exit_process
 from fastattn.cli import main
 
-sys.exit(main())
+exit_process(main())

@@ -6,6 +6,8 @@ import importlib
 import platform
 import sys
 
+from fastattn._args import positive_int, run
+
 
 def _info(_args) -> int:
     import torch
@@ -75,11 +77,11 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, build and available backends").set_defaults(func=_info)
     demo = sub.add_parser("demo", help="the five paper attention variants: checked against the "
                                        "reference and timed (about a minute on 2 cores)")
-    demo.add_argument("--L", type=int, default=512, help="sequence length")
-    demo.add_argument("--B", type=int, default=2, help="batch size")
+    demo.add_argument("--L", type=positive_int, default=512, help="sequence length")
+    demo.add_argument("--B", type=positive_int, default=2, help="batch size")
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run(args)
 
 
 if __name__ == "__main__":

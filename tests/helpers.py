@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import signal
 
+import pytest
 import torch
 
 import fastattn
@@ -151,3 +153,12 @@ def assemble(q, Lk, onset, pitch, kw, combine="hadamard", time_mode="quotient"):
     """The kernels' inputs (table, coordinate channels, term integers) for a make_problem() kw."""
     full = {**_TERM_DEFAULTS, **{n: t for n, t in kw.items() if n in _TERM_DEFAULTS}}
     return _cra_terms.assemble(q, Lk, onset, pitch, full, combine, kw.get("time_mode", time_mode))
+
+
+@pytest.fixture
+def default_sigint():
+    """SIGINT raises KeyboardInterrupt (Python's default) for the test, also when the runner was
+    started with SIGINT ignored (a background job), which the trainers then leave ignored."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)

@@ -133,7 +133,8 @@ def test_capture_stops_early_and_hooks_are_removed():
 def test_music_collection(tmp_path, representation):
     subject, corpus = tiny_music(representation)
     ctx = subject.contexts(corpus, "train", 24, max_contexts=6)
-    assert ctx.inputs.shape[:2] == (6, 24) and set(ctx.extras) == {"onset", "pitch", "track"}
+    assert ctx.inputs.shape[:2] == (6, 24)
+    assert set(ctx.extras) == {"onset", "pitch", "bar", "position", "track"}
     assert (ctx.tokens[:, 0] == subject.bos_id).all()
     collect(subject, ctx, tmp_path, [0, 1], "all", progress=False)
     coll = Collection(tmp_path)
@@ -145,3 +146,57 @@ def test_music_collection(tmp_path, representation):
         assert torch.equal(rows["tokens"], rows["x_track"] * 128 + rows["x_pitch"])
     vocab = coll.vocab()
     assert len(vocab) == (386 if representation == "note" else 224)
+
+
+def test_finished_collection_detects_truncated_and_damaged_files(tmp_path, capsys):
+    from fastattn._io import CorruptFile, DirLock, DirLocked
+
+    ctx = tiny_contexts(420, 8)  # 60 contexts: 3 shards of 20
+    collect(tiny_subject(), ctx, tmp_path, [1, 2], "all", contexts_per_shard=20, progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert set(meta["files"]) >= {"layer_01/shard_00002.safetensors", "contexts.safetensors"}
+    assert not (tmp_path / "manifest.jsonl").exists()
+    shard = layer_dir(tmp_path, 2) / "shard_00001.safetensors"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-100])  # truncated: refused when the collection is opened
+    with pytest.raises(CorruptFile, match=rf"{shard}: .*bytes, meta.json records"):
+        Collection(tmp_path)
+    flipped = bytearray(good)
+    flipped[-5] ^= 1
+    shard.write_bytes(bytes(flipped))  # same size, one bit off: refused when it is read
+    coll = Collection(tmp_path)
+    assert len(list(coll.rows(1))) == 3
+    with pytest.raises(CorruptFile, match=rf"{shard}: contents differ from meta.json's SHA-256"):
+        list(coll.rows(2))
+    shard.unlink()  # as the message says: delete it and collect again; only that shard is redone
+    counting = Counting(tiny_subject())
+    collect(counting, ctx, tmp_path, [1, 2], "all", contexts_per_shard=20, batch_size=20, progress=False)
+    assert counting.calls == 1 and shard.read_bytes() == good
+    # meta.json cut short (older versions wrote it in place): resuming rewrites the collection.
+    (tmp_path / "meta.json").write_text('{"format": 1, "model"')
+    with pytest.raises(CorruptFile, match="meta.json"):
+        Collection(tmp_path)
+    collect(tiny_subject(), ctx, tmp_path, [1, 2], "all", contexts_per_shard=20, progress=False)
+    assert "unreadable" in capsys.readouterr().err and Collection(tmp_path).meta["complete"]
+    with DirLock(tmp_path, command="another collect"), pytest.raises(DirLocked, match="another collect"):
+        collect(tiny_subject(), ctx, tmp_path, [1, 2], "all", contexts_per_shard=20, progress=False)
+
+
+def test_resume_after_a_kill_uses_the_manifest(tmp_path):
+    ctx = tiny_contexts(420, 8)  # 60 contexts: 3 shards of 20
+    collect(tiny_subject(), ctx, tmp_path, [1], "all", contexts_per_shard=20, progress=False)
+    # A run killed after two of three shards: meta incomplete, a manifest with a cut last line,
+    # a temp file of the third shard.
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    files = meta.pop("files")
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "complete": False}))
+    (layer_dir(tmp_path, 1) / "shard_00002.safetensors").unlink()
+    lines = [json.dumps({"file": f, **files[f]}) for f in ("layer_01/shard_00000.safetensors",
+                                                          "layer_01/shard_00001.safetensors")]
+    (tmp_path / "manifest.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n" + '{"file": "lay')
+    (layer_dir(tmp_path, 1) / ".shard_00002.safetensors.x1.tmp").write_bytes(b"partial")
+    counting = Counting(tiny_subject())
+    collect(counting, ctx, tmp_path, [1], "all", contexts_per_shard=20, batch_size=20, progress=False)
+    assert counting.calls == 1
+    assert sorted(p.name for p in layer_dir(tmp_path, 1).iterdir()) == [f"shard_0000{i}.safetensors" for i in range(3)]
+    assert json.loads((tmp_path / "meta.json").read_text())["files"] == files

@@ -95,6 +95,52 @@ def test_midi_folder_skips_corrupt_and_empty_files(tmp_path):
     assert sum(len(c.windows[s]) for s in c.windows) == 5  # 20 bars → 5 windows
 
 
+def _huge_tick_midi(path: Path, tpq: int = 1, delta: int = 0x0FFFFFFF) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "hostile_cases", Path(__file__).resolve().parents[1] / "bench" / "hostile_cases.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.huge_midi(path, delta, tpq)
+
+
+def test_note_at_a_huge_tick_is_skipped_not_allocated(tmp_path):
+    T.write_midi(synthetic_piece(0, 0, 20), tmp_path / "good.mid")
+    for k in range(4):  # 67-million-bar songs, each would need a per-bar array of 0.5 GB
+        _huge_tick_midi(tmp_path / f"huge{k}.mid", delta=0x0FFFFFFF - k)
+    c = load_midi_folder(tmp_path, use_cache=False)
+    assert c.names == ["good.mid"]
+    assert all(c.skipped[f"huge{k}.mid"].startswith("too long: a note starts at tick 268,435,45")
+               for k in range(4))
+    assert "beyond the 10,000-bar limit" in c.skipped["huge0.mid"]
+    with pytest.raises(ValueError, match="huge0.mid: a note starts at tick"):
+        T.read_midi(tmp_path / "huge0.mid")
+    _huge_tick_midi(tmp_path / "long_ok.mid", tpq=480, delta=480 * 4 * 9_999)  # bar 9,999: kept
+    assert "long_ok.mid" not in load_midi_folder(tmp_path, use_cache=False).skipped
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bitflip", "garbage", "empty"])
+def test_corrupt_cache_is_reported_and_rebuilt(tmp_path, capsys, damage):
+    (tmp_path / "midi").mkdir()
+    for k in range(2):
+        T.write_midi(synthetic_piece(k, 0, 20), tmp_path / "midi" / f"s{k}.mid")
+    c = load_midi_folder(tmp_path / "midi", cache_dir=tmp_path / "cache")
+    cache = next((tmp_path / "cache").glob("*.npz"))
+    data = bytearray(cache.read_bytes())
+    if damage == "bitflip":
+        data[len(data) // 3] ^= 0x10
+    cache.write_bytes({"truncated": bytes(data[: len(data) // 2]), "bitflip": bytes(data),
+                       "garbage": b"PK\x03\x04" + bytes(50), "empty": b""}[damage])
+    capsys.readouterr()
+    c2 = load_midi_folder(tmp_path / "midi", cache_dir=tmp_path / "cache")
+    err = capsys.readouterr().err
+    assert f"prepared-data cache {cache} is unreadable" in err and "rebuilding it" in err
+    assert all(np.array_equal(a, b) for a, b in zip(c.songs, c2.songs)) and c2.names == c.names
+    load_midi_folder(tmp_path / "midi", cache_dir=tmp_path / "cache")  # the rebuilt cache reads
+    assert "unreadable" not in capsys.readouterr().err
+
+
 def test_seconds_to_ticks_with_tempo_change():
     # 120 bpm for 960 ticks (1 s at tpq 480), then 60 bpm.
     t = seconds_to_ticks(np.array([0.5, 1.0, 2.0]), [(0, 500000), (960, 1000000)], 480)

@@ -12,6 +12,10 @@ from fastattn.sae import BinaryAutoencoder, TopKSAE, fvu, random_direction_data
 from fastattn.sae.entropy import binary_entropy_bits, entropy_from_counts, estimate_entropy_bits
 from fastattn.sae.stores import NpyStore, SafetensorsStore, TensorStore, open_store, write_shards
 from fastattn.sae.train import TrainConfig, load_checkpoint, train
+from helpers import default_sigint  # noqa: F401  (fixture)
+
+from fastattn._io import CorruptFile, DirLock, DirLocked, read_jsonl
+from fastattn._training import ResumeMismatch, TrainingInterrupted
 
 BACKENDS = ["reference"] + (["cpp"] if ops.HAVE_COMPILED else [])
 
@@ -143,6 +147,15 @@ def test_store_errors(tmp_path):
         open_store(tmp_path / "empty")
     with pytest.raises(ValueError, match="2-D"):
         TensorStore(torch.zeros(3))
+    paths = write_shards(low_rank_data(N=300), tmp_path / "st", shard_rows=100)
+    data = open(paths[1], "rb").read()
+    open(paths[1], "wb").write(data[: len(data) // 2])  # a truncated shard is named
+    with pytest.raises(CorruptFile, match="shard_00001.safetensors"):
+        open_store(tmp_path / "st")
+    np.save(tmp_path / "a.npy", np.zeros((10, 4), np.float32))
+    (tmp_path / "a.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:100])
+    with pytest.raises(CorruptFile, match="a.npy"):
+        open_store(tmp_path / "a.npy")
 
 
 # ----------------------------------------------------------------------------- training
@@ -215,3 +228,98 @@ def test_cli_entropy_bench_prints_json(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["rank"] == 2 and res["losses"] is True and res["estimated_bits"] > 0
     assert res["d_hidden"] == 32
+
+
+# ----------------------------------------------------------------------------- interrupts
+
+def _load_bench():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "sigint_resume", Path(__file__).resolve().parents[1] / "bench" / "sigint_resume.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sigint_at_step(monkeypatch, n):
+    """A real SIGINT to this process during the n-th optimizer step (between its parameter
+    updates and the step counter)."""
+    import os
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    calls = {"n": 0}
+
+    def hook(*_):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    h = register_optimizer_step_post_hook(hook)
+    monkeypatch.undo = lambda u=monkeypatch.undo: (h.remove(), u())
+
+
+@pytest.mark.usefixtures("default_sigint")
+@pytest.mark.parametrize("model,at", [("topk", 8), ("bae", 7)])  # mid-window, mid-epoch
+def test_sigint_saves_at_the_step_boundary_and_resumes_bit_for_bit(tmp_path, monkeypatch, model, at):
+    bench = _load_bench()
+    x = low_rank_data(N=700)
+    extra = {"alpha_entropy": 1e-3, "entropy_off_epochs": 1} if model == "bae" else {}
+    train(_cfg(tmp_path / "full", model=model, log_every=3, **extra), TensorStore(x))
+    _sigint_at_step(monkeypatch, at)
+    with pytest.raises(TrainingInterrupted, match=f"interrupted at step {at};") as e:
+        train(_cfg(tmp_path / "part", model=model, log_every=3, **extra), TensorStore(x))
+    monkeypatch.undo()
+    assert isinstance(e.value, KeyboardInterrupt) and e.value.step == at
+    assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["step"] == at
+    with open(tmp_path / "part" / "metrics.jsonl", "ab") as f:  # plus a record cut short by a kill
+        f.write(b'{"step": 12, "loss": 0.')
+    train(_cfg(tmp_path / "part", model=model, log_every=3, **extra), TensorStore(x))
+    full, part = bench.load_result("sae", tmp_path / "full"), bench.load_result("sae", tmp_path / "part")
+    assert bench.differences(full, part) == []
+    assert not (tmp_path / "part" / "fastattn.lock").exists()
+
+
+@pytest.mark.usefixtures("default_sigint")
+def test_cli_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    from fastattn.sae.cli import main
+
+    write_shards(low_rank_data(N=600), tmp_path / "acts", shard_rows=256)
+    args = ["train", "--data", str(tmp_path / "acts"), "--model", "topk", "--latents", "32", "--k", "4",
+            "--batch-size", "50", "--out-dir", str(tmp_path / "run"), "--no-progress"]
+    _sigint_at_step(monkeypatch, 3)
+    assert main(args) == 130
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "fastattn: interrupted at step 3; checkpoint saved to" in err
+    assert main(args) == 0
+    # A changed k: refused with exit code 1 and the difference; k > latents: a usage error (2).
+    assert main(args[:-1] + ["--k", "8", "--no-progress"]) == 1
+    assert "k: 4 in the checkpoint, 8 now" in capsys.readouterr().err
+    assert main(args[:-1] + ["--k", "64", "--no-progress"]) == 2
+    assert "--k 64 exceeds --latents 32" in capsys.readouterr().err
+
+
+def test_resume_refuses_changed_settings_and_names_corrupt_files(tmp_path, capsys):
+    x = low_rank_data(N=300)
+    train(_cfg(tmp_path, epochs=1), TensorStore(x))
+    for change in ({"seed": 1}, {"lr": 1e-3}, {"batch_size": 64}, {"k": 8}, {"model": "bae"}):
+        with pytest.raises(ResumeMismatch, match=f"{next(iter(change))}: .* in the checkpoint"):
+            train(_cfg(tmp_path, epochs=2, **change), TensorStore(x))
+    with pytest.raises(ResumeMismatch, match="shard_sizes"):  # other data of the same width
+        train(_cfg(tmp_path, epochs=2), TensorStore(low_rank_data(N=400)))
+    capsys.readouterr()
+    train(_cfg(tmp_path, epochs=2), TensorStore(x))
+    assert "epochs changed from 1 to 2" in capsys.readouterr().err
+    ck = tmp_path / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:500])
+    with pytest.raises(CorruptFile, match=rf"{ck}: unreadable checkpoint.*--fresh"):
+        train(_cfg(tmp_path, epochs=2), TensorStore(x))
+    train(_cfg(tmp_path, epochs=1), TensorStore(x), resume=False)
+    assert load_checkpoint(ck)["step"] == 3 and [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [3]
+    with DirLock(tmp_path, command="the other trainer"):
+        with pytest.raises(DirLocked, match="the other trainer"):
+            train(_cfg(tmp_path, epochs=2), TensorStore(x))

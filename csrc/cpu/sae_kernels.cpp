@@ -35,12 +35,19 @@ constexpr int TC = 128;   // column tile of the covariance penalty
 
 // ----------------------------------------------------------------------------- TopK encoder
 
-// Inserts (v, j) into a row's top list (vals/idx sorted by value descending, ties by lower
-// index). Callers visit j in increasing order, so an equal value goes after existing ones.
+// The order of torch.sort(descending=True) (the reference): NaN ranks above every number, so
+// a NaN pre-activation is selected and shows in the values instead of stalling the top list.
+template <typename T>
+inline bool ranks_above(T a, T b) {
+  return a > b || (a != a && b == b);
+}
+
+// Inserts (v, j) into a row's top list (vals/idx sorted by ranks_above, ties by lower index).
+// Callers visit j in increasing order, so an equal value goes after existing ones.
 template <typename T>
 inline void topk_insert(T* vals, int64_t* idx, int& count, int k, T v, int64_t j) {
   int p = count < k ? count++ : k - 1;
-  while (p > 0 && vals[p - 1] < v) {
+  while (p > 0 && ranks_above(v, vals[p - 1])) {
     vals[p] = vals[p - 1];
     idx[p] = idx[p - 1];
     --p;
@@ -54,9 +61,9 @@ void topk_block(const T* X, const T* W, const T* bias, int d, int n, int k, int 
                 int64_t* idx, std::vector<T>& S) {
   S.resize((size_t)BM * BN);
   int count[BM] = {0};
-  for (int j0 = 0; j0 < n; j0 += BN) {
-    const int nj = std::min(BN, n - j0);
-    gemm<T>(false, true, mr, nj, d, T(1), X + (int64_t)r0 * d, d, W + (int64_t)j0 * d, d, T(0), S.data(), BN);
+  for (int64_t j0 = 0; j0 < n; j0 += BN) {
+    const int nj = (int)std::min<int64_t>(BN, n - j0);
+    gemm<T>(false, true, mr, nj, d, T(1), X + (int64_t)r0 * d, d, W + j0 * d, d, T(0), S.data(), BN);
     for (int i = 0; i < mr; ++i) {
       T* v = vals + (int64_t)(r0 + i) * k;
       int64_t* ix = idx + (int64_t)(r0 + i) * k;
@@ -64,8 +71,8 @@ void topk_block(const T* X, const T* W, const T* bias, int d, int n, int k, int 
       int& c = count[i];
       for (int j = 0; j < nj; ++j) {
         const T z = bias ? s[j] + bias[j0 + j] : s[j];
-        if (c == k && !(z > v[k - 1])) continue;  // the common case after the first tiles
-        topk_insert(v, ix, c, k, z, (int64_t)(j0 + j));
+        if (c == k && !ranks_above(z, v[k - 1])) continue;  // the common case after the first tiles
+        topk_insert(v, ix, c, k, z, j0 + j);
       }
     }
   }
@@ -84,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x, const at
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     scalar_t* V = values.data_ptr<scalar_t>();
     int64_t* I = indices.data_ptr<int64_t>();
-    const int nblocks = (N + BM - 1) / BM;
+    const int64_t nblocks = ((int64_t)N + BM - 1) / BM;
     at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> S;
       for (int64_t blk = begin; blk < end; ++blk) {
@@ -189,16 +196,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cpu(
 
 at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [n, d], got ", weight.dim(), "-D");
   TORCH_CHECK(values.device().is_cpu(), "cpp backend: tensors must be on the CPU");
-  sae_check_sparse(values, indices, weight.size(0));
-  sae_check_float(weight, "weight", values);
+  sae_check_decode(values, indices, weight, bias);
   const int64_t N = values.size(0), d = weight.size(1);
   const int k = values.size(1);
   at::Tensor out;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d, "bias must be [d] with d = ", d, ", got ", bias->sizes());
-    sae_check_float(*bias, "bias", values);
     out = bias->unsqueeze(0).expand({N, d}).contiguous();
   } else {
     out = at::zeros({N, d}, values.options());
@@ -213,10 +216,8 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [n, d]");
   TORCH_CHECK(values.device().is_cpu(), "cpp backend: tensors must be on the CPU");
-  sae_check_sparse(values, indices, weight.size(0));
-  sae_check_float(weight, "weight", values);
+  sae_check_decode(values, indices, weight, std::nullopt);
   const int64_t N = values.size(0), n = weight.size(0), d = weight.size(1);
   const int k = values.size(1);
   const auto g = grad_out.contiguous().to(values.scalar_type());
@@ -242,9 +243,9 @@ void binary_block(const T* X, const T* W, const T* b, int N, int d, int64_t n, i
   const int mr = std::min(BM, N - r0);
   const int64_t nbytes = (n + 7) / 8;
   uint8_t bits[BN];
-  for (int j0 = 0; j0 < n; j0 += BN) {
-    const int nj = std::min<int64_t>(BN, n - j0);
-    gemm<T>(false, true, mr, nj, d, T(1), X + (int64_t)r0 * d, d, W + (int64_t)j0 * d, d, T(0), S.data(), BN);
+  for (int64_t j0 = 0; j0 < n; j0 += BN) {
+    const int nj = (int)std::min<int64_t>(BN, n - j0);
+    gemm<T>(false, true, mr, nj, d, T(1), X + (int64_t)r0 * d, d, W + j0 * d, d, T(0), S.data(), BN);
     for (int i = 0; i < mr; ++i) {
       const T* s = S.data() + (int64_t)i * BN;
 #pragma omp simd
@@ -283,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> binary_encode_cpu(
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     scalar_t* C = return_code ? code.data_ptr<scalar_t>() : nullptr;
     uint8_t* P = packed.data_ptr<uint8_t>();
-    const int nblocks = (N + BM - 1) / BM;
+    const int64_t nblocks = ((int64_t)N + BM - 1) / BM;
     at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
       const int tid = at::get_thread_num();
       TORCH_CHECK(tid < nthreads, "thread id beyond the partial buffers");
@@ -327,13 +328,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> binary_encode_backward_cpu(
 // ----------------------------------------------------------------------------- covariance penalty
 
 std::tuple<at::Tensor, at::Tensor> binary_covariance_penalty_cpu(const at::Tensor& h, bool compute_grad) {
-  TORCH_CHECK(h.dim() == 2, "h must be 2-D [B, n], got ", h.dim(), "-D");
-  TORCH_CHECK(h.is_floating_point() && h.is_contiguous(), "h must be contiguous floating-point");
+  sae_check_covariance(h);
   TORCH_CHECK(h.device().is_cpu(), "cpp backend: tensors must be on the CPU");
-  TORCH_CHECK(h.size(0) >= 2, "h needs at least 2 rows (the unbiased covariance divides by B - 1)");
-  TORCH_CHECK(h.size(0) <= INT32_MAX && h.size(1) <= INT32_MAX, "sizes must fit in int32");
   const int B = h.size(0), n = h.size(1);
-  const int ntiles = (n + TC - 1) / TC;
+  const int ntiles = (int)(((int64_t)n + TC - 1) / TC);
   auto grad = at::empty({compute_grad ? B : 0, n}, h.options());
   std::vector<double> partial(ntiles, 0.0), colsum(n, 0.0);
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "binary_covariance_penalty_cpu", [&] {

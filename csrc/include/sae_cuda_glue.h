@@ -103,7 +103,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(const
   sae_check_sparse(g, indices, n);
   TORCH_CHECK(g.size(0) == x.size(0), "grad_values must have N = ", x.size(0), " rows");
   const int64_t N = x.size(0), d = x.size(1), k = g.size(1);
-  TORCH_CHECK(N * k <= INT32_MAX, "N·k must fit in int32");
+  checked_int32(N * k, 0, kSizeMax, "N·k");  // both int32, so the product cannot overflow int64
   auto dx = at::empty_like(x);
   auto dW = at::empty_like(weight);
   auto db = at::empty({n}, x.options());
@@ -120,17 +120,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward(const
 
 inline at::Tensor sparse_decode(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const Env& env) {
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [n, d], got ", weight.dim(), "-D");
   check_device(values, "values", env);
-  sae_check_sparse(values, indices, weight.size(0));
-  sae_check_float(weight, "weight", values);
+  sae_check_decode(values, indices, weight, bias);
   const auto dt = dtype_of(values);
   const int64_t N = values.size(0), n = weight.size(0), d = weight.size(1), k = values.size(1);
-  TORCH_CHECK(n <= INT32_MAX && d <= INT32_MAX && k <= INT32_MAX, "sizes must fit in int32");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d, "bias must be [d] with d = ", d, ", got ", bias->sizes());
-    sae_check_float(*bias, "bias", values);
-  }
   auto out = at::empty({N, d}, values.options());
   check_launch(L::gather_combine(dt, values.data_ptr(), indices.data_ptr<int64_t>(), weight.data_ptr(),
                                  ptr_or_null(bias), out.data_ptr(), N, (int)k, (int)d, (int)n, env.stream),
@@ -143,13 +136,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_backward(con
                                                                              const at::Tensor& indices,
                                                                              const at::Tensor& weight,
                                                                              const Env& env) {
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [n, d]");
   check_device(values, "values", env);
-  sae_check_sparse(values, indices, weight.size(0));
-  sae_check_float(weight, "weight", values);
+  sae_check_decode(values, indices, weight, std::nullopt);
   const auto dt = dtype_of(values);
   const int64_t N = values.size(0), n = weight.size(0), d = weight.size(1), k = values.size(1);
-  TORCH_CHECK(n <= INT32_MAX && d <= INT32_MAX && N * k <= INT32_MAX, "sizes must fit in int32");
+  checked_int32(N * k, 0, kSizeMax, "N·k");
   TORCH_CHECK(grad_out.device() == values.device(), "grad_out must be on ", values.device());
   const auto g = grad_out.contiguous().to(values.scalar_type());
   TORCH_CHECK(g.dim() == 2 && g.size(0) == N && g.size(1) == d, "grad_out must be [N, d] = [", N, ", ", d, "]");
@@ -208,12 +199,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> binary_encode_backward(con
 
 inline std::tuple<at::Tensor, at::Tensor> binary_covariance_penalty(const at::Tensor& h, bool compute_grad,
                                                                     const Env& env) {
-  TORCH_CHECK(h.dim() == 2, "h must be 2-D [B, n], got ", h.dim(), "-D");
-  TORCH_CHECK(h.is_floating_point() && h.is_contiguous(), "h must be contiguous floating-point");
+  sae_check_covariance(h);
   check_device(h, "h", env);
   const auto dt = dtype_of(h);
-  TORCH_CHECK(h.size(0) >= 2, "h needs at least 2 rows (the unbiased covariance divides by B - 1)");
-  TORCH_CHECK(h.size(0) <= INT32_MAX && h.size(1) <= INT32_MAX, "sizes must fit in int32");
   const int64_t B = h.size(0), n = h.size(1);
   auto value = at::empty({}, h.options());
   auto grad = at::empty({compute_grad ? B : 0, n}, h.options());

@@ -1,7 +1,6 @@
 """`python -m fastattn.analyze collect | stats | ...` (the same as `fastattn analyze ...`)."""
 
-import sys
-
+from fastattn._args import exit_process
 from fastattn.analyze.cli import main
 
-sys.exit(main())
+exit_process(main())

@@ -22,27 +22,26 @@ import json
 import sys
 from pathlib import Path
 
-
-def _ints(s: str) -> list:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+from fastattn._args import (UsageError, float_list, float_range, int_list, int_range, nonneg_float,
+                            nonneg_int, positive_float, positive_int, probability, run, seed)
 
 
-def _floats(s: str) -> list:
-    try:
-        return [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+def _layers(s: str):
+    """'all' or comma-separated layers ≥ 0."""
+    return s if s == "all" else int_list(0)(s)
+
+
+def _positions(s: str):
+    """'all', 'pow2' or comma-separated positions ≥ 1."""
+    return s if s in ("all", "pow2") else int_list(1)(s)
 
 
 def _write(out: Path, name: str, obj: dict) -> Path:
+    from fastattn._io import atomic_write_json
     from fastattn.analyze.stats import finite
 
-    out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    path.write_text(json.dumps(finite(obj), indent=1, ensure_ascii=False) + "\n")
+    atomic_write_json(path, finite(obj), indent=1, ensure_ascii=False)
     return path
 
 
@@ -60,16 +59,18 @@ def _add_subject_args(p) -> None:
     p.add_argument(
         "--music-data", default=None, help="--music: POP909 / MIDI folder (default: synthetic corpus)"
     )
-    p.add_argument("--split", default="valid", help="--music: split whose windows are read")
-    p.add_argument("--context", type=int, default=64, help="tokens per context, BOS included")
+    p.add_argument("--split", default="valid", choices=("train", "valid", "test"),
+                   help="--music: split whose windows are read")
+    p.add_argument("--context", type=int_range(2), default=64,
+                   help="tokens per context, BOS included (≥ 2)")
     p.add_argument(
         "--stride",
-        type=int,
+        type=positive_int,
         default=None,
         help="--hf: tokens between context starts (default context − 1: no overlap)",
     )
-    p.add_argument("--max-contexts", type=int, default=0, help="0 = all")
-    p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
+    p.add_argument("--max-contexts", type=nonneg_int, default=0, help="0 = all")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="contexts per forward pass")
 
 
 def _subject(args):
@@ -101,7 +102,11 @@ def cmd_collect(args) -> int:
     from fastattn.analyze.collect import collect
 
     subject, ctx, source = _subject(args)
-    layers = list(range(subject.n_layer + 1)) if args.layers == "all" else _ints(args.layers)
+    layers = list(range(subject.n_layer + 1)) if args.layers == "all" else args.layers
+    if max(layers) > subject.n_layer:
+        raise UsageError(f"--layers: {subject.name} has layers 0…{subject.n_layer}, got {max(layers)}")
+    if isinstance(args.positions, list) and max(args.positions) >= ctx.length:
+        raise UsageError(f"--positions must be below --context {ctx.length}, got {max(args.positions)}")
     meta = collect(
         subject,
         ctx,
@@ -182,21 +187,24 @@ def cmd_entropy(args) -> int:
 
     coll = Collection(args.collection)
     out = Path(args.out or Path(args.collection) / "entropy")
-    res = entropy_dynamics(
-        coll,
-        out / "bae",
-        args.layers,
-        args.positions,
-        d_hidden=args.latents,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        ste=args.ste,
-        alpha=args.alpha,
-        lr=args.lr,
-        seed=args.seed,
-        standardize=not args.raw,
-        progress=not args.no_progress,
-    )
+    from fastattn._training import starts_over
+
+    with starts_over("entropy-dynamics"):
+        res = entropy_dynamics(
+            coll,
+            out / "bae",
+            args.layers,
+            args.positions,
+            d_hidden=args.latents,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            ste=args.ste,
+            alpha=args.alpha,
+            lr=args.lr,
+            seed=args.seed,
+            standardize=not args.raw,
+            progress=not args.no_progress,
+        )
     out.mkdir(parents=True, exist_ok=True)
     plot_entropy(res, out / "entropy.png")
     res["png"] = str(out / "entropy.png")
@@ -363,11 +371,16 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("collect", help="residual-stream activations → sharded store with metadata")
     _add_subject_args(p)
     p.add_argument(
-        "--layers", default="all", help="comma-separated layers (0 = embeddings, L = after L blocks) or 'all'"
+        "--layers",
+        type=_layers,
+        default="all",
+        help="comma-separated layers (0 = embeddings, L = after L blocks) or 'all'",
     )
-    p.add_argument("--positions", default="all", help="'all', 'pow2' or comma-separated positions (≥ 1)")
+    p.add_argument(
+        "--positions", type=_positions, default="all", help="'all', 'pow2' or comma-separated positions (≥ 1)"
+    )
     p.add_argument("--normalize", action="store_true", help="scale every row to L2 norm √d")
-    p.add_argument("--contexts-per-shard", type=int, default=256)
+    p.add_argument("--contexts-per-shard", type=positive_int, default=256)
     p.add_argument("--out", required=True)
     p.add_argument("--fresh", action="store_true", help="overwrite instead of resuming")
     p.add_argument("--no-progress", action="store_true")
@@ -375,7 +388,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", help="frequencies, dead/dense, spans, groups, monosemanticity of SAEs/BAEs")
     p.add_argument("--collection", required=True)
-    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--layer", type=nonneg_int, required=True)
     p.add_argument(
         "--checkpoint", action="append", required=True, help="[NAME=]checkpoint.pt of fastattn sae train"
     )
@@ -385,67 +398,74 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="schemes: script | pitch_class,octave,track,beat "
         "(default: script for text, the four musical ones for music)",
     )
-    p.add_argument("--threshold", type=float, default=0.9, help="group share for a feature to belong to it")
-    p.add_argument("--cluster-threshold", type=float, default=0.5, help="cosine similarity of token clusters")
-    p.add_argument("--dense-frequency", type=float, default=0.1)
-    p.add_argument("--min-firings", type=int, default=10, help="features with fewer firings get no R")
+    p.add_argument(
+        "--threshold", type=probability, default=0.9, help="group share for a feature to belong to it"
+    )
+    p.add_argument(
+        "--cluster-threshold",
+        type=float_range(-1.0, 1.0),
+        default=0.5,
+        help="cosine similarity of token clusters",
+    )
+    p.add_argument("--dense-frequency", type=probability, default=0.1)
+    p.add_argument("--min-firings", type=nonneg_int, default=10, help="features with fewer firings get no R")
     p.add_argument("--out", default=None, help="default COLLECTION/stats_LNN")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("entropy-dynamics", help="one BAE per (layer, position); entropy by layer (PNG)")
     p.add_argument("--collection", required=True)
-    p.add_argument("--layers", type=_ints, default=None)
-    p.add_argument("--positions", type=_ints, default=None)
-    p.add_argument("--latents", type=int, default=None, help="d' (default 4d)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--layers", type=int_list(0), default=None)
+    p.add_argument("--positions", type=int_list(1), default=None)
+    p.add_argument("--latents", type=positive_int, default=None, help="d' (default 4d)")
+    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--ste", default="sigmoid", choices=("reference", "identity", "sigmoid"))
-    p.add_argument("--alpha", type=float, default=1e-5, help="α_e = α_c")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 5e-4)")
+    p.add_argument("--alpha", type=nonneg_float, default=1e-5, help="α_e = α_c")
+    p.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate (default 5e-4)")
     p.add_argument(
         "--raw",
         action="store_true",
         help="train on the raw vectors (default: centred, scaled to mean squared entry 1)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default=None, help="default COLLECTION/entropy")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_entropy)
 
     p = sub.add_parser("intervene", help="add feature directions into the residual stream; perplexity change")
     _add_subject_args(p)
-    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--layer", type=nonneg_int, required=True)
     p.add_argument("--checkpoint", required=True, help="SAE/BAE trained on that layer")
-    p.add_argument("--features", type=_ints, required=True)
-    p.add_argument("--scales", type=_floats, default=[0.0, 0.25, 0.5, 1.0, 2.0])
+    p.add_argument("--features", type=int_list(0), required=True)
+    p.add_argument("--scales", type=float_list, default=[0.0, 0.25, 0.5, 1.0, 2.0])
     p.add_argument(
         "--absolute",
         action="store_true",
         help="scales multiply the unit direction itself (default: × mean residual norm at the layer)",
     )
-    p.add_argument("--random", type=int, default=3, help="random unit directions as a baseline")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random", type=nonneg_int, default=3, help="random unit directions as a baseline")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_intervene)
 
     p = sub.add_parser("comsem", help="feature interpretation scored by a judge (OpenAI-compatible endpoint)")
     p.add_argument("--collection", required=True)
-    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--layer", type=nonneg_int, required=True)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--features", type=_ints, default=None)
+    p.add_argument("--features", type=int_list(0), default=None)
     p.add_argument(
-        "--n-features", type=int, default=20, help="random live features when --features is not given"
+        "--n-features", type=positive_int, default=20, help="random live features when --features is not given"
     )
-    p.add_argument("--examples", type=int, default=10, help="shown and held-out activations each")
-    p.add_argument("--negatives", type=int, default=10)
+    p.add_argument("--examples", type=positive_int, default=10, help="shown and held-out activations each")
+    p.add_argument("--negatives", type=nonneg_int, default=10)
     p.add_argument("--judge-url", default=None, help="default $FASTATTN_JUDGE_BASE_URL")
     p.add_argument("--judge-model", default=None, help="default $FASTATTN_JUDGE_MODEL")
-    p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--timeout", type=positive_float, default=30.0)
+    p.add_argument("--retries", type=nonneg_int, default=3)
     p.add_argument("--cache", default=None, help="answer cache (default OUT/judge_cache.jsonl)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_comsem)
@@ -456,7 +476,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastattn")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["analyze", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,16 @@ Layout of a collection directory::
     layer_LL/shard_SSSSS.safetensors   per shard: activations [rows, d] float32 and per-row
                               tokens, positions, contexts, x_<extra> (int64 [rows])
 
+    manifest.jsonl            size and SHA-256 of every shard written so far (while collecting)
+
 Each layer directory holds shards only, so ``open_store(dir/layer_LL)`` and ``fastattn sae train
 --data dir/layer_LL`` read it directly. Rows are ordered by (context, position); the BOS
-position 0 is never stored. Shard s covers contexts [s·P, (s + 1)·P) (P = contexts per shard);
-every file is written atomically, so an interrupted run resumes at the first shard missing from
-any layer, after checking that meta.json describes the same collection.
+position 0 is never stored. Shard s covers contexts [s·P, (s + 1)·P) (P = contexts per shard).
+Every file is written atomically and one process at a time writes a directory (lock file). An
+interrupted run resumes, after checking that meta.json describes the same collection, by writing
+every shard that the manifest does not list with its current size. A finished collection's
+meta.json records each file's size and SHA-256: ``Collection`` refuses a file of the wrong size
+when it opens and one with the wrong hash when it reads it, naming the file.
 
 Normalisation (optional, named choice): every row scaled to L2 norm √d, the TopKSAE convention.
 """
@@ -22,17 +27,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from fastattn import _io
+from fastattn._training import ResumeMismatch
 from fastattn.analyze.hooks import capture_residual, check_layers, run_captured
 from fastattn.analyze.subjects import Contexts
 
 META = "meta.json"
+MANIFEST = "manifest.jsonl"
 ROW_KEYS = ("tokens", "positions", "contexts")
 
 
@@ -60,21 +67,52 @@ def _fingerprint(ctx: Contexts) -> str:
     return h.hexdigest()[:16]
 
 
-def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+def _save_atomic(tensors: dict[str, Tensor], path: Path) -> dict:
+    """Write a safetensors file atomically; returns its {"bytes", "sha256"} record."""
+    from safetensors.torch import save
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    data = save({k: v.contiguous() for k, v in tensors.items()})
+    _io.atomic_write_bytes(path, data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _write_side_files(out: Path, subject, ctx: Contexts) -> None:
-    _save_atomic(
+def _write_side_files(out: Path, subject, ctx: Contexts) -> dict:
+    files = {}
+    files["contexts.safetensors"] = _save_atomic(
         {"tokens": ctx.tokens, **{f"x_{k}": v for k, v in ctx.extras.items()}}, out / "contexts.safetensors"
     )
     ids = torch.unique(ctx.tokens[:, 1:])
-    _save_atomic({"ids": ids, "embeddings": subject.embeddings(ids)}, out / "embeddings.safetensors")
-    (out / "vocab.json").write_text(json.dumps(subject.vocab(), ensure_ascii=False))
+    files["embeddings.safetensors"] = _save_atomic(
+        {"ids": ids, "embeddings": subject.embeddings(ids)}, out / "embeddings.safetensors"
+    )
+    _io.atomic_write_text(out / "vocab.json", json.dumps(subject.vocab(), ensure_ascii=False))
+    return files
+
+
+def _shard_name(layer: int, s: int) -> str:
+    return f"{layer_dir('', layer)}/shard_{s:05d}.safetensors"
+
+
+def _check_shard(path: Path, rows: int, d: int) -> dict | None:
+    """The {"bytes", "sha256"} record of a shard that loads with ``rows`` × ``d`` activations."""
+    from safetensors.torch import load
+
+    data = path.read_bytes()
+    try:
+        ok = tuple(load(data)["activations"].shape) == (rows, d)
+    except Exception:
+        ok = False
+    if not ok:
+        _io.notice(f"{path}: damaged or from another collection; writing it again")
+        return None
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _io.CorruptFile(f"{path}: unreadable ({e})") from None
 
 
 @torch.no_grad()
@@ -122,28 +160,63 @@ def collect(
         "extras": sorted(ctx.extras),
         "fingerprint": _fingerprint(ctx),
     }
-    meta_path = out / META
+    with _io.DirLock(out):
+        return _collect(subject, ctx, out, layers, positions, meta, resume, normalize, batch_size,
+                        contexts_per_shard, progress)
+
+
+def _collect(subject, ctx, out, layers, positions, meta, resume, normalize, batch_size,
+             contexts_per_shard, progress) -> dict:
+    meta_path, manifest_path = out / META, out / MANIFEST
+    n, n_shards = meta["n_contexts"], meta["n_shards"]
     if not meta_path.exists():
         resume = False  # shards without metadata cannot be checked against this collection: rewrite
     if resume:
-        old = json.loads(meta_path.read_text())
-        diff = sorted(k for k in meta if old.get(k) != meta[k])
-        if diff:
-            raise ValueError(
-                f"{out}: an existing collection differs in {diff}; use another directory "
-                "or resume=False (--fresh) to overwrite"
-            )
+        try:
+            old = _read_meta(meta_path)
+        except _io.CorruptFile as e:
+            _io.notice(f"{e}; rewriting the collection")
+            old, resume = None, False
+        if old is not None:
+            diff = sorted(k for k in meta if old.get(k) != meta[k])
+            if diff:
+                raise ResumeMismatch(
+                    f"{out}: an existing collection differs in {diff}; use another directory "
+                    "or resume=False (--fresh) to overwrite"
+                )
+    # What is on disk and whole: recorded files (a finished run's meta.json, this run's
+    # manifest) that have their recorded size, and unrecorded shards that load with the right
+    # number of rows (collections of earlier versions).
+    written = {}
+    if resume:
+        records = [{"file": k, **v} for k, v in (old or {}).get("files", {}).items()]
+        for r in records + _io.read_jsonl(manifest_path, repair=True):
+            f = out / r["file"]
+            if f.exists() and f.stat().st_size == r["bytes"]:
+                written[r["file"]] = {"bytes": r["bytes"], "sha256": r["sha256"]}
+        for L in layers:
+            for s in range(n_shards):
+                name = _shard_name(L, s)
+                if name not in written and (out / name).exists():
+                    rows = (min(n, (s + 1) * contexts_per_shard) - s * contexts_per_shard) * len(positions)
+                    rec = _check_shard(out / name, rows, meta["d"])
+                    if rec is not None:
+                        written[name] = rec
     out.mkdir(parents=True, exist_ok=True)
+    _io.remove_stale_temps(out)
     for L in layers:
         layer_dir(out, L).mkdir(exist_ok=True)
+        _io.remove_stale_temps(layer_dir(out, L))
         if not resume:
             for f in layer_dir(out, L).glob("shard_*.safetensors"):
                 f.unlink()
-    meta_path.write_text(json.dumps({**meta, "complete": False}, indent=1))
-    _write_side_files(out, subject, ctx)
+    if not resume:
+        manifest_path.unlink(missing_ok=True)
+    _io.atomic_write_json(meta_path, {**meta, "complete": False}, indent=1)
+    side = _write_side_files(out, subject, ctx)
 
     def done(s: int) -> bool:
-        return all((layer_dir(out, L) / f"shard_{s:05d}.safetensors").exists() for L in layers)
+        return all(_shard_name(L, s) in written for L in layers)
 
     todo = [s for s in range(n_shards) if not done(s)]
     pos_t = torch.tensor(positions)
@@ -179,11 +252,15 @@ def collect(
             x = torch.cat(acts[L])
             if normalize:
                 x = x * (subject.d_model**0.5 / x.norm(dim=1, keepdim=True).clamp_min(1e-12))
-            _save_atomic({"activations": x, **rows}, layer_dir(out, L) / f"shard_{s:05d}.safetensors")
+            name = _shard_name(L, s)
+            written[name] = _save_atomic({"activations": x, **rows}, out / name)
+            _io.append_jsonl(manifest_path, {"file": name, **written[name]})
     if bar is not None:
         bar.close()
-    meta["complete"] = True
-    meta_path.write_text(json.dumps(meta, indent=1))
+    files = {**side, **{_shard_name(L, s): written[_shard_name(L, s)] for L in layers for s in range(n_shards)}}
+    meta = {**meta, "complete": True, "files": files}
+    _io.atomic_write_json(meta_path, meta, indent=1)
+    manifest_path.unlink(missing_ok=True)
     return meta
 
 
@@ -196,9 +273,35 @@ class Collection:
             raise FileNotFoundError(
                 f"{self.root}: no {META} (not a collection written by `fastattn analyze collect`)"
             )
-        self.meta = json.loads((self.root / META).read_text())
+        self.meta = _read_meta(self.root / META)
         if not self.meta.get("complete"):
             raise ValueError(f"{self.root}: collection incomplete; run collect again to resume it")
+        for name, rec in self.meta.get("files", {}).items():
+            f = self.root / name
+            size = f.stat().st_size if f.exists() else None
+            if size != rec["bytes"]:
+                got = "missing" if size is None else f"{size:,} bytes"
+                raise _io.CorruptFile(
+                    f"{f}: {got}, meta.json records {rec['bytes']:,} bytes (truncated or replaced); "
+                    "run the same `fastattn analyze collect` command again to rewrite it"
+                )
+
+    def _load(self, name: str) -> dict[str, Tensor]:
+        """A safetensors file of the collection, checked against meta.json's SHA-256."""
+        from safetensors.torch import load
+
+        f = self.root / name
+        data = f.read_bytes()
+        rec = self.meta.get("files", {}).get(name)
+        if rec is not None and hashlib.sha256(data).hexdigest() != rec["sha256"]:
+            raise _io.CorruptFile(
+                f"{f}: contents differ from meta.json's SHA-256 (damaged or replaced); "
+                "run the same `fastattn analyze collect` command again to rewrite it"
+            )
+        try:
+            return load(data)
+        except Exception as e:
+            raise _io.CorruptFile(f"{f}: unreadable ({e})") from None
 
     def check_layer(self, layer: int) -> Path:
         if layer not in self.meta["layers"]:
@@ -208,11 +311,9 @@ class Collection:
     def rows(self, layer: int) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
         """(activations [r, d] float32, per-row dict: tokens, positions, contexts, x_<extra>) per
         shard, in storage order (contexts, then positions, increasing)."""
-        from safetensors.torch import load_file
-
-        d = self.check_layer(layer)
+        self.check_layer(layer)
         for s in range(self.meta["n_shards"]):
-            t = load_file(str(d / f"shard_{s:05d}.safetensors"))
+            t = self._load(_shard_name(layer, s))
             yield t.pop("activations").float(), t
 
     def store(self, layer: int):
@@ -221,18 +322,14 @@ class Collection:
         return open_store(self.check_layer(layer))
 
     def contexts(self) -> dict[str, Tensor]:
-        from safetensors.torch import load_file
-
-        return load_file(str(self.root / "contexts.safetensors"))
+        return self._load("contexts.safetensors")
 
     def vocab(self) -> list[str]:
         return json.loads((self.root / "vocab.json").read_text())
 
     def embeddings(self) -> tuple[Tensor, Tensor]:
         """(ids [V'], embeddings [V', d]) of the tokens that occur in the contexts."""
-        from safetensors.torch import load_file
-
-        t = load_file(str(self.root / "embeddings.safetensors"))
+        t = self._load("embeddings.safetensors")
         return t["ids"], t["embeddings"]
 
 

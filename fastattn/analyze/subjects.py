@@ -34,7 +34,7 @@ class Contexts(NamedTuple):
 
     inputs: Tensor  # [n, C] token ids, or [n, C, 6] note fields: what the model reads
     tokens: Tensor  # [n, C] int64 ids in the subject's statistics vocabulary
-    extras: dict[str, Tensor]  # name -> [n, C] int64 per-token attributes (music: onset, pitch, track)
+    extras: dict[str, Tensor]  # name -> [n, C] int64 per-token attributes (music: onset, pitch, track, bar, position)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -186,20 +186,20 @@ class MusicSubject:
         from fastattn.music import tokens as T
         from fastattn.music.data import encode
 
-        inputs, onsets, pitches = [], [], []
+        inputs, coords = [], {n: [] for n in T.Coords._fields}
         for i in range(corpus.n_windows(split)):
-            t = encode(corpus.window(split, i), self.rep, corpus.window_bars)
+            t = encode(corpus.window(split, i), self.rep, corpus.window_bars, self.model.cfg.convention)
             if len(t.tokens) < context:
                 continue
             inputs.append(t.tokens[:context])
-            onsets.append(t.onset[:context])
-            pitches.append(t.pitch[:context])
+            for n in coords:
+                coords[n].append(getattr(t, n)[:context])
             if max_contexts and len(inputs) == max_contexts:
                 break
         if not inputs:
             raise ValueError(f"no window of split {split!r} has {context} tokens")
         x = torch.from_numpy(np.stack(inputs))
-        onset, pitch = torch.from_numpy(np.stack(onsets)), torch.from_numpy(np.stack(pitches))
+        coords = {n: torch.from_numpy(np.stack(v)) for n, v in coords.items()}
         if self.rep == "note":
             is_note = x[..., 0] == T.TYPE_NOTE
             track = torch.where(is_note, x[..., 3], -1)
@@ -214,16 +214,19 @@ class MusicSubject:
                     is_track[:, j], x[:, j] - T.TRACK_OFFSET, torch.where(x[:, j] < T.TRACK_OFFSET, -1, cur)
                 )
                 track[:, j] = cur
-        return Contexts(x, tokens, {"onset": onset, "pitch": pitch, "track": track})
+        return Contexts(x, tokens, {**coords, "track": track})
+
+    def _coords(self, ctx: Contexts, idx: slice, stop=None) -> dict:
+        return {n: ctx.extras[n][idx][:, :stop] for n in ("onset", "pitch", "bar", "position")}
 
     def forward(self, ctx: Contexts, idx: slice) -> None:
-        self.model(ctx.inputs[idx], ctx.extras["onset"][idx], ctx.extras["pitch"][idx])
+        self.model(ctx.inputs[idx], **self._coords(ctx, idx))
 
     def nll(self, ctx: Contexts, idx: slice):
         """(Σ NLL in nats over all fields, predicted tokens), as fastattn.music.train.evaluate_nll."""
         x = ctx.inputs[idx]
         parts = self.model.loss_parts(
-            x[:, :-1], x[:, 1:], ctx.extras["onset"][idx][:, :-1], ctx.extras["pitch"][idx][:, :-1]
+            x[:, :-1], x[:, 1:], **self._coords(ctx, idx, -1)
         )
         return float(parts.nll_sum.sum()), int(parts.count[0])
 

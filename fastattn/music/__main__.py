@@ -1,6 +1,6 @@
 """`python -m fastattn.music <prepare|train|generate|evaluate|demo> ...`"""
-import sys
 
+from fastattn._args import exit_process
 from fastattn.music.cli import main
 
-sys.exit(main())
+exit_process(main())

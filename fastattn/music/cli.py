@@ -9,37 +9,26 @@ import argparse
 import sys
 from pathlib import Path
 
+from fastattn._args import (UsageError, dropout_rate, finite_float, int_range, nonneg_float,
+                            nonneg_int, positive_float, positive_int, probability, run, seed)
+from fastattn.music.corpus import load_corpus  # (callers that imported it from here still can)
+
 PAPER_WINDOWS = {"train": 35452, "valid": 4749, "test": 4137}
-
-
-def load_corpus(data, *, seed: int = 0, songs: int = 0, cache_dir=None, progress: bool = True):
-    """The embedded synthetic corpus (``data`` None) or a POP909 / MIDI folder (first ``songs``
-    songs when > 0)."""
-    if data is None:
-        from fastattn.music.synthetic import SyntheticConfig, synthetic_corpus
-        return synthetic_corpus(SyntheticConfig(seed=seed))
-    from fastattn.music.pop909 import load_midi_folder
-    subset = None
-    if songs:
-        root = Path(data)
-        names = sorted(p.name for p in root.iterdir() if p.is_dir() or p.suffix.lower() in (".mid", ".midi"))
-        subset = names[:songs]
-    return load_midi_folder(data, seed=seed, songs=subset, cache_dir=cache_dir, progress=progress)
 
 
 def _add_data_args(p):
     p.add_argument("--data", default=None, help="POP909 folder or folder of MIDI files "
                    "(default: the embedded synthetic corpus)")
-    p.add_argument("--songs", type=int, default=0, help="use only the first N songs (0 = all)")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the song split / corpus")
+    p.add_argument("--songs", type=nonneg_int, default=0, help="use only the first N songs (0 = all)")
+    p.add_argument("--data-seed", type=seed, default=0, help="seed of the song split / corpus")
     p.add_argument("--cache", default=None, help="cache folder for prepared data "
                    "(default $FASTATTN_CACHE or ~/.cache/fastattn)")
 
 
 def _add_sampling_args(p):
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=nonneg_float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=nonneg_int, default=8, help="0 = no top-k cut")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus mass in (0, 1]")
 
 
 def _sampling(args):
@@ -75,22 +64,41 @@ def _prepare(args) -> int:
     return 0
 
 
+def _split_windows(c, split: str) -> int:
+    n = c.n_windows(split)
+    if n == 0:
+        raise UsageError(f"the {split} split has no windows ({c.summary()}); choose another --split")
+    return n
+
+
 def _train(args) -> int:
+    import math
+
     from fastattn.music.model import ModelConfig
     from fastattn.music.train import TrainConfig, train
+    if args.dim % args.heads:
+        raise UsageError(f"--dim {args.dim} is not divisible by --heads {args.heads}")
     c = _corpus(args)
     mc = ModelConfig(representation=args.representation, variant=args.variant,
                      n_layer=args.layers, d_model=args.dim, n_head=args.heads, d_ff=args.ff,
-                     dropout=args.dropout, max_len=args.max_len, alpha=args.alpha)
+                     dropout=args.dropout, max_len=args.max_len, alpha=args.alpha,
+                     convention=args.convention)
     tc = TrainConfig(lr=args.lr, warmup_steps=args.warmup, decay_steps=args.decay_steps,
                      batch_size=args.batch_size, max_steps=args.steps, eval_every=args.eval_every,
                      eval_windows=args.eval_windows, patience=args.patience, seed=args.seed,
-                     max_shift=args.max_shift, out_dir=args.out, device=args.device,
-                     progress=not args.no_progress)
+                     max_shift=args.max_shift, log_every=args.log_every, out_dir=args.out,
+                     device=args.device, progress=not args.no_progress)
     print(f"{c.summary()}; training {mc.variant} ({mc.representation}-based) into {tc.out_dir}")
-    r = train(mc, tc, c, resume=not args.no_resume)
-    print(f"stopped ({r.stopped}) at step {r.step}: best valid loss {r.best_val:.4f}; "
-          f"checkpoints {r.out_dir / 'last.pt'}, {r.out_dir / 'best.pt'}; log {r.out_dir / 'log.jsonl'}")
+    r = train(mc, tc, c, resume=not args.fresh)
+    if c.n_windows("valid") == 0:
+        val = ("no validation set (0 validation windows): no validation, no early stopping, "
+               f"no best.pt; checkpoint {r.out_dir / 'last.pt'}")
+    elif not math.isfinite(r.best_val):
+        val = f"no validation yet; checkpoint {r.out_dir / 'last.pt'}"
+    else:
+        val = (f"best valid loss {r.best_val:.4f}; checkpoints {r.out_dir / 'last.pt'}, "
+               f"{r.out_dir / 'best.pt'}")
+    print(f"stopped ({r.stopped}) at step {r.step}: {val}; log {r.out_dir / 'log.jsonl'}")
     return 130 if r.stopped == "interrupted" else 0
 
 
@@ -101,6 +109,8 @@ def _generate(args) -> int:
     from fastattn.music.evaluate import continue_piece
     from fastattn.music.metrics import plot_self_similarity, repetition_scores, self_similarity
     from fastattn.music.train import load_model
+    if args.prompt_bars >= args.bars:
+        raise UsageError(f"--prompt-bars {args.prompt_bars} must be below --bars {args.bars}")
     model = load_model(args.checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +118,7 @@ def _generate(args) -> int:
         prompts = [T.read_midi(args.prompt)]
     else:
         c = _corpus(args)
-        n = c.n_windows(args.split)
+        n = _split_windows(c, args.split)
         prompts = [c.window(args.split, int(i)) for i in np.linspace(0, n - 1, args.n).round()]
     gen = torch.Generator().manual_seed(args.seed)
     mats = {}
@@ -135,6 +145,7 @@ def _evaluate(args) -> int:
     import numpy as np
     model = load_model(args.checkpoint)
     c = _corpus(args)
+    _split_windows(c, args.split)
     s = evaluate_model(model, c, args.out, name=args.name, split=args.split,
                        nll_windows=args.nll_windows, next_bar_windows=args.next_bar_windows,
                        n_continuations=args.continuations, sampling=_sampling(args),
@@ -155,6 +166,10 @@ def _evaluate(args) -> int:
 
 def _demo(args) -> int:
     from fastattn.music.demo import DemoConfig, run_demo
+    from fastattn.music.model import VARIANTS
+    bad = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if bad or not args.variants:
+        raise UsageError(f"--variants: unknown {bad}; choose from {','.join(VARIANTS)}")
     cfg = DemoConfig(data=args.data, out_dir=args.out, steps=args.steps,
                      representation=args.representation, variants=tuple(args.variants.split(",")),
                      seed=args.seed, songs=args.songs)
@@ -164,6 +179,8 @@ def _demo(args) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``music`` with its subcommands to an argparse subparsers object."""
+    from fastattn.music.tokens import N_BARS
+    SPLITS = ("train", "valid", "test")
     music = subparsers.add_parser("music", help="music Transformer: prepare | train | generate | "
                                   "evaluate | demo", description=__doc__)
     sub = music.add_subparsers(dest="music_command", required=True)
@@ -177,38 +194,44 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--representation", choices=["note", "event"], default="note")
     p.add_argument("--variant", default="CirRelAttn-H",
                    choices=["Attn", "RelAttn", "RIPO", "CirRelAttn", "CirRelAttn-H"])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--ff", type=int, default=1024)
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--max-len", type=int, default=0, help="0 = 1024 (note) / 4096 (event)")
-    p.add_argument("--alpha", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=8e-5)
-    p.add_argument("--warmup", type=int, default=5000)
-    p.add_argument("--decay-steps", type=int, default=50000)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch")
-    p.add_argument("--steps", type=int, default=50000)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--eval-windows", type=int, default=0, help="0 = whole valid split")
-    p.add_argument("--patience", type=int, default=20)
-    p.add_argument("--max-shift", type=int, default=5, help="random transposition range")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--dim", type=positive_int, default=256)
+    p.add_argument("--heads", type=positive_int, default=8)
+    p.add_argument("--ff", type=positive_int, default=1024)
+    p.add_argument("--dropout", type=dropout_rate, default=0.2, help="in [0, 1)")
+    p.add_argument("--max-len", type=nonneg_int, default=0, help="0 = 1024 (note) / 4096 (event)")
+    p.add_argument("--alpha", type=finite_float, default=0.1)
+    p.add_argument("--convention", choices=["authors", "slides"], default="authors",
+                   help="relative-attention rules and event coordinates: the paper authors' code "
+                        "(default) or the slides / SPEC §2")
+    p.add_argument("--lr", type=positive_float, default=8e-5)
+    p.add_argument("--warmup", type=nonneg_int, default=5000)
+    p.add_argument("--decay-steps", type=nonneg_int, default=50000)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="global batch")
+    p.add_argument("--steps", type=positive_int, default=50000)
+    p.add_argument("--eval-every", type=positive_int, default=500)
+    p.add_argument("--eval-windows", type=nonneg_int, default=0, help="0 = whole valid split")
+    p.add_argument("--patience", type=nonneg_int, default=20, help="0 = no early stopping")
+    p.add_argument("--log-every", type=positive_int, default=50, help="steps per training-loss record")
+    p.add_argument("--max-shift", type=int_range(0, 127), default=5,
+                   help="random transposition range (semitones)")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/music")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--fresh", "--no-resume", dest="fresh", action="store_true",
+                   help="start over (delete OUT's last.pt, best.pt and log) instead of resuming")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("generate", help="continue prompts (4 → 16 bars) and write MIDI")
     _add_data_args(p)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompt", default=None, help="MIDI file to continue (else windows of --split)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=3, help="prompts taken from the split")
-    p.add_argument("--prompt-bars", type=int, default=4)
-    p.add_argument("--bars", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--n", type=positive_int, default=3, help="prompts taken from the split")
+    p.add_argument("--prompt-bars", type=int_range(1, N_BARS - 1), default=4)
+    p.add_argument("--bars", type=int_range(2, N_BARS), default=16)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="runs/music/generated")
     _add_sampling_args(p)
     p.set_defaults(func=_generate)
@@ -216,12 +239,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="test NLL, next-bar test, continuations, self-similarity")
     _add_data_args(p)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--name", default="model")
-    p.add_argument("--nll-windows", type=int, default=0, help="0 = all windows of the split")
-    p.add_argument("--next-bar-windows", type=int, default=100)
-    p.add_argument("--continuations", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nll-windows", type=nonneg_int, default=0, help="0 = all windows of the split")
+    p.add_argument("--next-bar-windows", type=nonneg_int, default=100)
+    p.add_argument("--continuations", type=nonneg_int, default=3)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="runs/music/eval")
     _add_sampling_args(p)
     p.set_defaults(func=_evaluate)
@@ -230,10 +253,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                        "MIDI and a self-similarity PNG (a few minutes)")
     _add_data_args(p)
     p.add_argument("--out", default="runs/music-demo")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--representation", choices=["note", "event"], default="note")
     p.add_argument("--variants", default="Attn,CirRelAttn-H")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.set_defaults(func=_demo)
     return music
 
@@ -242,4 +265,4 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastattn")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["music", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return run(args)

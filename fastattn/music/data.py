@@ -90,7 +90,7 @@ class Batch(NamedTuple):
 
     inputs:  [B, L, 6] note fields or [B, L] event ids (padding values where ``pad``)
     targets: same shape as inputs, the next token (padding where there is none)
-    onset, pitch: [B, L] int64 coordinates of the inputs (−1 = missing)
+    onset, pitch, bar, position: [B, L] int64 coordinates of the inputs (−1 = missing)
     pad: [B, L] bool, True on padding positions of the inputs
     """
     inputs: Tensor
@@ -98,6 +98,12 @@ class Batch(NamedTuple):
     onset: Tensor
     pitch: Tensor
     pad: Tensor
+    bar: Tensor
+    position: Tensor
+
+    def coordinates(self) -> Dict[str, Tensor]:
+        """The coordinates as keyword arguments of ``MusicTransformer``."""
+        return dict(onset=self.onset, pitch=self.pitch, bar=self.bar, position=self.position)
 
     def to(self, device) -> "Batch":
         return Batch(*(t.to(device, non_blocking=True) for t in self))
@@ -114,12 +120,14 @@ def transpose_notes(notes: np.ndarray, shift: int) -> np.ndarray:
     return out
 
 
-def encode(notes: np.ndarray, representation: str, n_bars: int = T.N_BARS) -> T.Tokens:
-    """Encode a window in ``representation`` ("note" or "event")."""
+def encode(notes: np.ndarray, representation: str, n_bars: int = T.N_BARS,
+           convention: str = "slides") -> T.Tokens:
+    """Encode a window in ``representation`` ("note" or "event"), with the coordinates of
+    ``convention`` ("slides" or "authors"; see ``fastattn.music.tokens``)."""
     if representation == "note":
         return T.encode_notes(notes)
     if representation == "event":
-        return T.encode_events(notes, n_bars=n_bars)
+        return T.encode_events(notes, n_bars=n_bars, convention=convention)
     raise ValueError(f"representation must be 'note' or 'event', got {representation!r}")
 
 
@@ -134,18 +142,19 @@ def make_batch(pieces: Sequence[T.Tokens], representation: str, max_len: int) ->
     else:
         inputs = torch.full((B, L), T.EVENT_PAD, dtype=torch.int64)
     targets = inputs.clone()
-    onset = torch.full((B, L), -1, dtype=torch.int64)
-    pitch = torch.full((B, L), -1, dtype=torch.int64)
+    coords = {name: torch.full((B, L), -1, dtype=torch.int64) for name in T.Coords._fields}
     pad = torch.ones(B, L, dtype=torch.bool)
     for b, p in enumerate(pieces):
         n = min(len(p.tokens) - 1, L)
         tok = torch.from_numpy(p.tokens)
         inputs[b, :n] = tok[:n]
         targets[b, :n] = tok[1:n + 1]
-        onset[b, :n] = torch.from_numpy(p.onset[:n])
-        pitch[b, :n] = torch.from_numpy(p.pitch[:n])
+        bar, position = (p.bar, p.position) if p.bar is not None else T.fields_of_onset(p.onset)
+        for name, c in zip(T.Coords._fields, (p.onset, p.pitch, bar, position)):
+            coords[name][b, :n] = torch.from_numpy(np.asarray(c[:n], dtype=np.int64))
         pad[b, :n] = False
-    return Batch(inputs, targets, onset, pitch, pad)
+    return Batch(inputs, targets, coords["onset"], coords["pitch"], pad, coords["bar"],
+                 coords["position"])
 
 
 def batch_indices(n_windows: int, batch_size: int, seed: int, step: int,
@@ -161,12 +170,14 @@ def batch_indices(n_windows: int, batch_size: int, seed: int, step: int,
 
 
 def corpus_batch(corpus: WindowCorpus, split: str, idx: Sequence[int], representation: str,
-                 max_len: int, shifts: Optional[Sequence[int]] = None) -> Batch:
-    """Batch of the windows ``idx`` of a split, each transposed by ``shifts[i]`` semitones."""
+                 max_len: int, shifts: Optional[Sequence[int]] = None,
+                 convention: str = "slides") -> Batch:
+    """Batch of the windows ``idx`` of a split, each transposed by ``shifts[i]`` semitones;
+    coordinates by ``convention`` (the model's ``cfg.convention``)."""
     pieces = []
     for k, i in enumerate(idx):
         w = corpus.window(split, int(i))
         if shifts is not None:
             w = transpose_notes(w, int(shifts[k]))
-        pieces.append(encode(w, representation, corpus.window_bars))
+        pieces.append(encode(w, representation, corpus.window_bars, convention))
     return make_batch(pieces, representation, max_len)

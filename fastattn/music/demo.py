@@ -44,7 +44,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     import torch
 
     from fastattn.music import tokens as T
-    from fastattn.music.cli import load_corpus
+    from fastattn.music.corpus import load_corpus
     from fastattn.music.evaluate import evaluate_model
     from fastattn.music.generate import SamplingConfig
     from fastattn.music.metrics import plot_self_similarity, self_similarity

@@ -1,8 +1,10 @@
 """Evaluation: test NLL, the next-bar test, continuations with MIDI and self-similarity (SPEC §4).
 
 - ``next_bar_test``: for each window, bars 0…14 are given and bar 15 is generated, then compared
-  with the truth by the metrics of ``fastattn.music.metrics`` (averaged over windows).
-- ``continue_piece``: the first 4 bars of a window are given and bars 4…15 generated.
+  with the truth by the metrics of ``fastattn.music.metrics`` (the authors' definitions;
+  averaged over windows, entropies over non-empty bars).
+- ``continue_piece``: the first 4 bars of a window are given and bars 4…15 generated; the
+  prompt's bars are never written into.
 - ``evaluate_model``: both, plus test NLL/perplexity, writing MIDI files, a self-similarity PNG
   and a JSON summary into a folder.
 """
@@ -40,13 +42,13 @@ def next_bar_test(model: MusicTransformer, corpus: WindowCorpus, split: str = "t
     rows = []
     for i in _pick(corpus.n_windows(split), n_windows):
         w = corpus.window(split, i)
-        prompt = prompt_from_notes(w, model.cfg.representation, last)
+        prompt = prompt_from_notes(w, model.cfg.representation, last, model.cfg.convention)
         cfg = SamplingConfig(sampling.temperature, sampling.top_k, sampling.top_p,
                              min(sampling.max_new_tokens, 4 * 96 + 2))
         g = generate(model, prompt, end_bar=last + 1, min_bar=last, sampling=cfg, generator=gen)
         notes = decode(model, g.tokens)
         rows.append(M.bar_metrics(notes[notes[:, T.BAR] == last], w[w[:, T.BAR] == last]))
-    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+    out = M.mean_bar_metrics(rows)
     out["windows"] = len(rows)
     return out
 
@@ -56,9 +58,10 @@ def continue_piece(model: MusicTransformer, notes: np.ndarray, *, prompt_bars: i
                    total_bars: int = T.N_BARS, sampling: SamplingConfig = SamplingConfig(top_k=8),
                    generator: Optional[torch.Generator] = None) -> np.ndarray:
     """Notes of a ``total_bars`` piece: the first ``prompt_bars`` bars of ``notes`` and the
-    model's continuation."""
-    prompt = prompt_from_notes(notes, model.cfg.representation, prompt_bars)
-    g = generate(model, prompt, end_bar=total_bars, sampling=sampling, generator=generator)
+    model's continuation, whose notes all lie in bars ``prompt_bars`` … ``total_bars`` − 1."""
+    prompt = prompt_from_notes(notes, model.cfg.representation, prompt_bars, model.cfg.convention)
+    g = generate(model, prompt, end_bar=total_bars, min_bar=prompt_bars, sampling=sampling,
+                 generator=generator)
     return decode(model, g.tokens)
 
 

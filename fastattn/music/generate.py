@@ -1,7 +1,7 @@
 """Sampling from the music Transformer with a KV cache (SPEC §4).
 
 ``generate`` extends one tokenised prompt token by token. Each step feeds only the new token
-through the model, whose per-layer ``KVCache`` keeps the keys, values, onsets and pitches of
+through the model, whose per-layer ``KVCache`` keeps the keys, values and coordinates of
 everything before (``use_cache=False`` recomputes the whole sequence instead: the test oracle).
 
 Constraints keep every sample decodable and time monotone:
@@ -42,15 +42,18 @@ class SamplingConfig:
 
 
 class Generation(NamedTuple):
-    """A generated sequence: ``tokens`` [L, 6] or [L] (prompt included), ``onset``/``pitch`` [L],
-    ``n_prompt`` prompt tokens, ``stop`` ("eos", "end_bar", "max_tokens") and, when asked for,
-    the logits each step sampled from (list of [V] or tuples of six [V_f])."""
+    """A generated sequence: ``tokens`` [L, 6] or [L] (prompt included), its coordinates
+    ``onset``/``pitch``/``bar``/``position`` [L] (the model's convention), ``n_prompt`` prompt
+    tokens, ``stop`` ("eos", "end_bar", "max_tokens") and, when asked for, the logits each step
+    sampled from (list of [V] or tuples of six [V_f])."""
     tokens: np.ndarray
     onset: np.ndarray
     pitch: np.ndarray
     n_prompt: int
     stop: str
     logits: Optional[list] = None
+    bar: Optional[np.ndarray] = None
+    position: Optional[np.ndarray] = None
 
 
 def sample_from(logits: Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator],
@@ -79,7 +82,9 @@ def sample_from(logits: Tensor, cfg: SamplingConfig, generator: Optional[torch.G
 
 
 class _Stepper:
-    """Runs the model on new tokens, with or without a KV cache; returns last-position logits."""
+    """Runs the model on new tokens, with or without a KV cache; returns last-position logits.
+    Coordinates come from the whole token list (``tokens.coordinates``, the model's convention),
+    so the cached and the recomputing path see the same ones."""
 
     def __init__(self, model: MusicTransformer, use_cache: bool):
         self.model, self.use_cache = model, use_cache
@@ -87,12 +92,15 @@ class _Stepper:
         self.caches = model.new_caches(1) if use_cache else None
         self.fed = 0
 
-    def __call__(self, tokens: List, onset: List[int], pitch: List[int]):
+    def __call__(self, tokens: List):
         start = self.fed if self.use_cache else 0
-        x = torch.as_tensor(np.asarray(tokens[start:]), device=self.device)[None]
-        on = torch.as_tensor(onset[start:], dtype=torch.int64, device=self.device)[None]
-        pi = torch.as_tensor(pitch[start:], dtype=torch.int64, device=self.device)[None]
-        out = self.model(x, on, pi, self.caches)
+        arr = np.asarray(tokens)
+        c = T.coordinates(arr, self.model.cfg.representation, self.model.cfg.convention)
+        x = torch.as_tensor(arr[start:], device=self.device)[None]
+        coords = {n: torch.as_tensor(getattr(c, n)[start:], dtype=torch.int64,
+                                     device=self.device)[None]
+                  for n in self.model.coordinate_names}
+        out = self.model(x, caches=self.caches, **coords)
         self.fed = len(tokens)
         if isinstance(out, tuple):
             return tuple(o[0, -1] for o in out)
@@ -104,16 +112,18 @@ def generate(model: MusicTransformer, prompt: T.Tokens, *, end_bar: int = T.N_BA
              min_bar: int = 0, sampling: SamplingConfig = SamplingConfig(),
              generator: Optional[torch.Generator] = None, use_cache: bool = True,
              return_logits: bool = False) -> Generation:
-    """Continue ``prompt`` (a tokenised piece without its end token).
+    """Continue ``prompt`` (a tokenised piece without its end token; its coordinates are
+    recomputed from its tokens in the model's convention).
 
     end_bar: stop before the first note (note-based) or Bar token (event-based) at bar
-        ``end_bar`` or later. min_bar: note-based only, the first bar a new note may take (the
-        next-bar test sets it to the bar to fill). ``generator`` makes sampling reproducible.
+        ``end_bar`` or later. min_bar: the first bar a new note may take (continuations set it
+        to the first bar after the prompt, the next-bar test to the bar to fill; event-based, a
+        note may start only once the Bar token of bar ``min_bar`` or later has been reached).
+        ``generator`` makes sampling reproducible.
     """
     model.eval()
     rep = model.cfg.representation
     toks = [np.asarray(t) for t in prompt.tokens] if rep == "note" else [int(t) for t in prompt.tokens]
-    onset, pitch = [int(x) for x in prompt.onset], [int(x) for x in prompt.pitch]
     n_prompt = len(toks)
     if n_prompt == 0:
         raise ValueError("the prompt must hold at least the start token")
@@ -131,7 +141,7 @@ def generate(model: MusicTransformer, prompt: T.Tokens, *, end_bar: int = T.N_BA
         last_bar = int(notes[-1, 1]) if len(notes) else -1
         last_pos = int(notes[-1, 2]) if len(notes) else 0
         while len(toks) < limit:
-            lg = step(toks, onset, pitch)
+            lg = step(toks)
             if seen is not None:
                 seen.append(tuple(x.float().cpu() for x in lg))
             allowed_type = torch.zeros(3, dtype=torch.bool, device=dev)
@@ -139,7 +149,6 @@ def generate(model: MusicTransformer, prompt: T.Tokens, *, end_bar: int = T.N_BA
             typ = sample_from(lg[0], sampling, generator, allowed_type)
             if typ == T.TYPE_EOS:
                 toks.append(np.array([T.TYPE_EOS, *T.FIELD_PAD[1:]]))
-                onset.append(-1); pitch.append(-1)
                 stop = "eos"
                 break
             lo = max(last_bar, min_bar, 0)
@@ -160,7 +169,6 @@ def generate(model: MusicTransformer, prompt: T.Tokens, *, end_bar: int = T.N_BA
             p = sample_from(lg[4], sampling, generator)
             dur = sample_from(lg[5], sampling, generator)
             toks.append(np.array([T.TYPE_NOTE, bar, pos, trk, p, dur]))
-            onset.append(bar * T.BAR_RES + pos); pitch.append(p)
             last_bar, last_pos = bar, pos
         arr = np.stack(toks).astype(np.int64)
     else:
@@ -175,10 +183,9 @@ def generate(model: MusicTransformer, prompt: T.Tokens, *, end_bar: int = T.N_BA
             if T.POS_OFFSET <= t < T.TRACK_OFFSET:
                 last_pos = t - T.POS_OFFSET
                 break
-        cur_on, cur_pitch = onset[-1], pitch[-1]
         ids = torch.arange(T.EVENT_VOCAB, device=dev)
         while len(toks) < limit:
-            lg = step(toks, onset, pitch)
+            lg = step(toks)
             if seen is not None:
                 seen.append(lg.float().cpu())
             kind = int(kinds[-1]) if len(toks) else 0
@@ -186,7 +193,9 @@ def generate(model: MusicTransformer, prompt: T.Tokens, *, end_bar: int = T.N_BA
             if last == T.BOS:
                 allowed = ids == T.BAR_OFFSET + cur_bar + 1
             elif kind in (1, 5):  # after Bar or Duration: Position, next Bar or EOS
-                allowed = ((ids >= T.POS_OFFSET + last_pos) & (ids < T.TRACK_OFFSET)) | (ids == T.EOS)
+                allowed = ids == T.EOS
+                if cur_bar >= min_bar:
+                    allowed |= (ids >= T.POS_OFFSET + last_pos) & (ids < T.TRACK_OFFSET)
                 if cur_bar + 1 < T.N_BARS:
                     allowed |= ids == T.BAR_OFFSET + cur_bar + 1
             elif kind == 2:
@@ -199,7 +208,7 @@ def generate(model: MusicTransformer, prompt: T.Tokens, *, end_bar: int = T.N_BA
                 raise ValueError(f"cannot continue after token {last} (end or padding)")
             tok = sample_from(lg, sampling, generator, allowed)
             if tok == T.EOS:
-                toks.append(tok); onset.append(-1); pitch.append(-1)
+                toks.append(tok)
                 stop = "eos"
                 break
             k = int(T.event_kind(tok))
@@ -208,19 +217,13 @@ def generate(model: MusicTransformer, prompt: T.Tokens, *, end_bar: int = T.N_BA
                     stop = "end_bar"
                     break
                 cur_bar, last_pos = tok - T.BAR_OFFSET, 0
-                cur_on, cur_pitch = cur_bar * T.BAR_RES, -1
             elif k == 2:
                 last_pos = tok - T.POS_OFFSET
-                cur_on, cur_pitch = cur_bar * T.BAR_RES + last_pos, -1
-            elif k == 4:
-                cur_pitch = tok - T.PITCH_OFFSET
-            toks.append(tok); onset.append(cur_on); pitch.append(cur_pitch)
+            toks.append(tok)
             kinds = np.append(kinds, k)
         arr = np.asarray(toks, dtype=np.int64)
-    if len(toks) >= limit and stop == "max_tokens":
-        stop = "max_tokens"
-    return Generation(arr, np.asarray(onset, np.int64), np.asarray(pitch, np.int64), n_prompt,
-                      stop, seen)
+    c = T.coordinates(arr, rep, model.cfg.convention)
+    return Generation(arr, c.onset, c.pitch, n_prompt, stop, seen, c.bar, c.position)
 
 
 def decode(model_or_rep, tokens) -> np.ndarray:
@@ -229,10 +232,12 @@ def decode(model_or_rep, tokens) -> np.ndarray:
     return T.decode_notes(tokens) if rep == "note" else T.decode_events(tokens)
 
 
-def prompt_from_notes(notes: np.ndarray, representation: str, n_bars: int) -> T.Tokens:
+def prompt_from_notes(notes: np.ndarray, representation: str, n_bars: int,
+                      convention: str = "slides") -> T.Tokens:
     """Prompt made of the notes of bars 0…n_bars − 1 (start token, no end token). Event-based
     prompts end with the Bar token of bar ``n_bars`` when it exists (its notes come next)."""
     head = notes[notes[:, T.BAR] < n_bars]
     if representation == "note":
         return T.encode_notes(head, eos=False)
-    return T.encode_events(head, n_bars=min(n_bars + 1, T.N_BARS), eos=False)
+    return T.encode_events(head, n_bars=min(n_bars + 1, T.N_BARS), eos=False,
+                           convention=convention)

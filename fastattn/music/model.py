@@ -9,7 +9,9 @@ Shapes: B batch, L tokens, E = d_model, F = 6 note fields, V event vocabulary (2
 - note-based inputs [B, L, 6]: summed field embeddings; six output heads → logits
   ([B, L, 3], [B, L, 16], [B, L, 48], [B, L, 3], [B, L, 128], [B, L, 27]);
 - event-based inputs [B, L]: one embedding and one head → logits [B, L, 224].
-Both get learned absolute position embeddings and pass onset/pitch [B, L] to every layer.
+Both get learned absolute position embeddings and pass the per-token coordinates (onset, pitch,
+bar, position [B, L]) to every layer; ``cfg.convention`` picks the attention's convention and the
+coordinates the data must carry (``fastattn.music.tokens``, ``data.encode(..., convention)``).
 
 Padding sits at the end of each sequence and attention is causal, so real tokens never see a
 pad: no key-padding mask is needed (padded positions are excluded from the loss only).
@@ -17,14 +19,14 @@ pad: no key-padding mask is needed (padded positions are excluded from the loss 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastattn.music import tokens as T
-from fastattn.nn import CircularRelativeAttention, KVCache, VARIANTS
+from fastattn.nn import CONVENTIONS, VARIANTS, CircularRelativeAttention, KVCache
 
 
 @dataclass
@@ -49,6 +51,9 @@ class ModelConfig:
     4096 for event-based."""
     alpha: float = 0.1
     """Weight of the relative terms in the attention logits."""
+    convention: str = "authors"
+    """"authors" (the paper authors' code: their relative rules and event coordinates) or
+    "slides" (SPEC §2); see ``fastattn.nn.CONVENTIONS`` and ``fastattn.music.tokens``."""
     linear: bool = True
     """Pass every relative table through its own D×D linear map (the authors' best setting)."""
     backend: str = "auto"
@@ -59,6 +64,9 @@ class ModelConfig:
             raise ValueError(f"representation must be 'note' or 'event', got {self.representation!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {list(VARIANTS)}, got {self.variant!r}")
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {list(CONVENTIONS)}, got "
+                             f"{self.convention!r}")
         if self.max_len == 0:
             self.max_len = 1024 if self.representation == "note" else 4096
 
@@ -80,15 +88,15 @@ class Block(nn.Module):
         self.attn = CircularRelativeAttention.from_variant(
             cfg.variant, cfg.d_model, cfg.n_head, max_len=cfg.max_len, alpha=cfg.alpha,
             bar_res=T.BAR_RES, n_bar=T.N_BARS, dropout=cfg.dropout, linear=cfg.linear,
-            backend=cfg.backend)
+            backend=cfg.backend, convention=cfg.convention)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(),
                                  nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, onset: Tensor, pitch: Tensor,
+    def forward(self, x: Tensor, coords: Dict[str, Optional[Tensor]],
                 kv_cache: Optional[KVCache] = None) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), onset, pitch, kv_cache=kv_cache))
+        x = x + self.drop(self.attn(self.ln1(x), kv_cache=kv_cache, **coords))
         return x + self.mlp(self.ln2(x))
 
 
@@ -123,17 +131,25 @@ class MusicTransformer(nn.Module):
     def fields(self) -> Tuple[str, ...]:
         return T.FIELDS if self.cfg.representation == "note" else ("token",)
 
+    @property
+    def coordinate_names(self) -> Tuple[str, ...]:
+        """The coordinates the attention layers read (e.g. ("bar", "position", "pitch"))."""
+        return self.blocks[0].attn.coordinate_names if len(self.blocks) else ()
+
     def new_caches(self, batch_size: int) -> List[KVCache]:
         """One empty KV cache per layer for incremental decoding."""
         return [b.attn.new_kv_cache(batch_size) for b in self.blocks]
 
-    def forward(self, inputs: Tensor, onset: Tensor, pitch: Tensor,
-                caches: Optional[List[KVCache]] = None) -> Union[Tensor, Tuple[Tensor, ...]]:
+    def forward(self, inputs: Tensor, onset: Optional[Tensor] = None,
+                pitch: Optional[Tensor] = None, caches: Optional[List[KVCache]] = None, *,
+                bar: Optional[Tensor] = None,
+                position: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, ...]]:
         """Logits for the next token at every input position.
 
-        inputs [B, L, 6] or [B, L]; onset, pitch [B, L] int64 (−1 = missing). With ``caches``
-        the inputs are the new tokens only: they sit at positions len(cache) … len(cache) + L − 1
-        and attend over the cached tokens too.
+        inputs [B, L, 6] or [B, L]; onset, pitch, bar, position [B, L] int64 (−1 = missing),
+        those the attention reads (``coordinate_names``). With ``caches`` the inputs are the new
+        tokens only: they sit at positions len(cache) … len(cache) + L − 1 and attend over the
+        cached tokens too.
         Returns a tuple of six [B, L, V_f] (note-based) or one [B, L, 224] (event-based).
         """
         B, L = inputs.shape[:2]
@@ -145,19 +161,21 @@ class MusicTransformer(nn.Module):
         else:
             x = self.embed(inputs)
         x = self.drop(x + self.pos(torch.arange(start, start + L, device=inputs.device)))
+        coords = dict(onset=onset, pitch=pitch, bar=bar, position=position)
         for i, block in enumerate(self.blocks):
-            x = block(x, onset, pitch, None if caches is None else caches[i])
+            x = block(x, coords, None if caches is None else caches[i])
         x = self.ln_f(x)
         if self.cfg.representation == "note":
             return tuple(h(x) for h in self.heads)
         return self.heads(x)
 
-    def loss_parts(self, inputs: Tensor, targets: Tensor, onset: Tensor,
-                   pitch: Tensor) -> LossParts:
+    def loss_parts(self, inputs: Tensor, targets: Tensor, onset: Optional[Tensor] = None,
+                   pitch: Optional[Tensor] = None, *, bar: Optional[Tensor] = None,
+                   position: Optional[Tensor] = None) -> LossParts:
         """Summed cross-entropies per field; targets equal to the padding value are ignored.
         Note-based targets of start/end tokens count only in the type field (their other
-        fields hold the padding value)."""
-        logits = self(inputs, onset, pitch)
+        fields hold the padding value). Coordinates as in ``forward``."""
+        logits = self(inputs, onset, pitch, bar=bar, position=position)
         if self.cfg.representation == "note":
             sums, counts = [], []
             for f, lg in enumerate(logits):

@@ -9,7 +9,11 @@ in seconds, a marker, downbeat flag). Preparation of one song:
 3. onsets are snapped to 12 ticks per beat *after* removing the phase; bars come from the
    downbeat flags; a bar's length is the number of beat lines until the next downbeat.
 4. tracks by name (MELODY 0, BRIDGE 1, PIANO 2); durations capped at 96 and mapped to the
-   nearest known duration.
+   nearest known duration; then the canonical form (``tokens.resolve_overlaps``): notes of one
+   track and pitch starting together (exact duplicates included) merge into the longest, and a
+   note still sounding when the next note of its track and pitch starts is cut there (to the
+   longest known duration that fits). MIDI holds nothing else exactly, so this makes what the
+   model sees exactly what the MIDI it writes reads back as.
 5. windows: 16 consecutive bars, all 4 beats long and none without a note onset, stride 1 bar.
 6. songs are split 80/10/10 with a fixed seed.
 
@@ -21,16 +25,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fastattn import _io
 from fastattn.music import tokens as T
 from fastattn.music.data import WindowCorpus, split_songs, windows_of, SPLITS
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: canonical form (resolved same-pitch overlaps) at preparation
 GRID_TOLERANCE = 0.05  # quarters a beat marker may sit off the song's quarter grid
 
 
@@ -83,6 +87,10 @@ def load_score(path: Path):
         raise SkipSong(f"unreadable MIDI: {type(e).__name__}: {str(e)[:100]}") from None
     if score.note_num() == 0:
         raise SkipSong("no notes")
+    try:
+        T.check_song_length(score)
+    except ValueError as e:
+        raise SkipSong(f"too long: {e}") from None
     return score
 
 
@@ -124,9 +132,14 @@ def prepare_pop909_song(folder: Path) -> Tuple[np.ndarray, np.ndarray]:
         bar = np.searchsorted(bar_start, g, side="right") - 1
         keep = (bar >= 0) & (g < song_end)
         g, dur, bar, p = g[keep], dur[keep], bar[keep], arr["pitch"][keep].astype(np.int64)
-        rows.append(np.stack([bar, g - bar_start[bar], np.full_like(g, trk), p,
-                              T.quantize_duration(dur)], axis=1))
-    notes = T.canonical(np.concatenate(rows)) if rows else np.zeros((0, 5), np.int64)
+        rows.append(np.stack([g, bar, np.full_like(g, trk), p, T.quantize_duration(dur)], axis=1))
+    if rows:
+        g, bar, trk, p, dur = np.concatenate(rows).T
+        keep, dur = T.resolve_overlaps(g, trk, p, dur)  # on grid ticks: bars may be 5+ beats
+        g, bar, trk, p, dur = g[keep], bar[keep], trk[keep], p[keep], dur[keep]
+        notes = T.canonical(np.stack([bar, g - bar_start[bar], trk, p, dur], axis=1))
+    else:
+        notes = np.zeros((0, 5), np.int64)
     if len(notes) == 0:
         raise SkipSong("no notes inside the annotated bars")
     return notes, bar_beats
@@ -148,16 +161,8 @@ def _fingerprint(files: Sequence[Path]) -> List[Tuple[str, int, int]]:
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _io.atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 def _to_arrays(c: WindowCorpus) -> dict:
@@ -206,8 +211,13 @@ def load_midi_folder(root, *, seed: int = 0, window_bars: int = T.N_BARS,
                                    window_bars, _fingerprint(files)]).encode()).hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir()) / f"{root.name}-{key}.npz"
     if use_cache and cache.exists():
-        with np.load(cache, allow_pickle=False) as z:
-            return _from_arrays(z)
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                return _from_arrays(z)
+        except Exception as e:  # damaged zip, bad CRC, missing member, bad metadata, …
+            _io.notice(f"prepared-data cache {cache} is unreadable ({type(e).__name__}: "
+                       f"{str(e)[:120]}); rebuilding it")
+            cache.unlink(missing_ok=True)
 
     kept, names, bar_ok, skipped = [], [], [], {}
     stats = dict(bars=0, bars_4beat=0, windows_4beat=0, windows_dropped_empty_bar=0)

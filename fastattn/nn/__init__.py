@@ -1,5 +1,6 @@
 """Drop-in modules (SPEC §3)."""
 from fastattn.nn.circular_relative_attention import (  # noqa: F401
+    CONVENTIONS,
     VARIANTS,
     CircularRelativeAttention,
     KVCache,
@@ -7,4 +8,5 @@ from fastattn.nn.circular_relative_attention import (  # noqa: F401
     variant_kwargs,
 )
 
-__all__ = ["CircularRelativeAttention", "KVCache", "VARIANTS", "variant_kwargs", "sinusoidal_table"]
+__all__ = ["CircularRelativeAttention", "KVCache", "VARIANTS", "CONVENTIONS", "variant_kwargs",
+           "sinusoidal_table"]

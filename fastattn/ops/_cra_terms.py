@@ -23,6 +23,14 @@ PART_COMBINED, PART_HI, PART_LO = 0, 1, 2
 # kind, part, ch_hi, ch_lo, param (period R, or lo offset for fields), hi_min, n_hi, n_lo, row_offset
 TERM_INTS = 9
 
+# Limits of the kernels' int32 arithmetic (csrc/include/cra_problem.h: CRA_COORD_MAX,
+# CRA_SHIFT_MAX): coordinates up to 2^30, minimum differences and offsets within ±(2^30 - 1), so
+# that no difference a kernel forms can wrap.
+INT32_MAX = 2**31 - 1
+COORD_MAX = 2**30
+SHIFT_MAX = 2**30 - 1
+MIN_ARGS = ("bar_min", "octave_min", "rel_index_min", "time_min", "pitch_min")
+
 TABLE_ARGS = ("rel_index_table", "bar_table", "pos_table", "octave_table", "pitch_class_table",
               "time_table", "pitch_table")
 COORD_ARGS = ("onset", "pitch", "bar", "position")
@@ -70,8 +78,11 @@ def validate(q, k, v, onset, pitch, kw: dict, key_padding_mask, combine, time_mo
     for name in ("bar_res", "bar_min", "octave_min", "rel_index_min", "time_min", "pitch_min"):
         if not isinstance(kw[name], numbers.Integral):
             raise TypeError(f"{name} must be an int, got {kw[name]!r}")
-    if kw["bar_res"] < 1:
-        raise ValueError(f"bar_res must be >= 1, got {kw['bar_res']}")
+    if not 1 <= kw["bar_res"] <= COORD_MAX:
+        raise ValueError(f"bar_res must be in [1, 2**30], got {kw['bar_res']}")
+    for name in MIN_ARGS:
+        if not -SHIFT_MAX <= kw[name] <= SHIFT_MAX:
+            raise ValueError(f"{name} must be in [-(2**30 - 1), 2**30 - 1], got {kw[name]}")
     if not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a number, got {alpha!r}")
     if scale is not None and not isinstance(scale, numbers.Real):
@@ -110,6 +121,7 @@ def validate(q, k, v, onset, pitch, kw: dict, key_padding_mask, combine, time_mo
         if kw["pos_table"].shape[-2] != want:
             raise ValueError(f"pos_table must have {want} rows for time_mode={time_mode!r} and "
                              f"bar_res={kw['bar_res']}, got {kw['pos_table'].shape[-2]}")
+    _check_rows(kw, combine, Lk)
 
     fields = time_mode == "fields" and kw["bar_table"] is not None
     need = {
@@ -118,7 +130,7 @@ def validate(q, k, v, onset, pitch, kw: dict, key_padding_mask, combine, time_mo
         "bar": fields, "position": fields,
     }
     coords = {"onset": onset, "pitch": pitch, "bar": kw["bar"], "position": kw["position"]}
-    limits = {"onset": (-1, 2**30), "pitch": (-1, 127), "bar": (-1, 2**30),
+    limits = {"onset": (-1, COORD_MAX), "pitch": (-1, 127), "bar": (-1, COORD_MAX),
               "position": (-1, kw["bar_res"] - 1)}
     ranges = []  # (name, t, lo, hi): read back together, one device sync for all of them
     for name, t in coords.items():
@@ -154,6 +166,26 @@ def validate(q, k, v, onset, pitch, kw: dict, key_padding_mask, combine, time_mo
             raise ValueError(f"key_padding_mask is on {m.device} but q is on {q.device}")
 
 
+def _check_rows(kw: dict, combine: str, Lk: int) -> None:
+    """The assembled table's row counts fit the kernels' int32 (a Hadamard term has
+    rows(hi) x rows(lo) rows; the index term's clamped runs span Lk + |rel_index_min| + rows)."""
+    rows = {n: kw[n].shape[-2] for n in TABLE_ARGS if kw[n] is not None}
+    total = 0
+    for hi, lo in (("bar_table", "pos_table"), ("octave_table", "pitch_class_table")):
+        if hi in rows and combine == "hadamard":
+            if rows[hi] * rows[lo] > INT32_MAX:
+                raise ValueError(f"{hi} rows x {lo} rows = {rows[hi]} x {rows[lo]} (the combined "
+                                 f"Hadamard table) exceeds 2**31 - 1")
+            total += rows[hi] * rows[lo]
+        elif hi in rows:
+            total += rows[hi] + rows[lo]
+    total += sum(rows.get(n, 0) for n in ("rel_index_table", "time_table", "pitch_table"))
+    if total > INT32_MAX:
+        raise ValueError(f"the relative tables have {total} rows together; at most 2**31 - 1")
+    if "rel_index_table" in rows and Lk + abs(kw["rel_index_min"]) + rows["rel_index_table"] > INT32_MAX:
+        raise ValueError("Lk + |rel_index_min| + rel_index_table rows must be at most 2**31 - 1")
+
+
 def _outer(a: Tensor, b: Tensor, combine: str) -> Tensor:
     """[.., Na, D] x [.., Nb, D] -> [.., Na*Nb, D] with row ia*Nb + ib."""
     x = a.unsqueeze(-2) * b.unsqueeze(-3) if combine == "hadamard" else a.unsqueeze(-2) + b.unsqueeze(-3)
@@ -169,6 +201,8 @@ _TABLE_CACHE_SIZE = 4
 
 def _table_key(kw: dict, combine: str, time_mode: str, H: int):
     tables = [kw[n] for n in TABLE_ARGS if kw[n] is not None]
+    if not tables:  # the empty table takes q's dtype, device and D, which the key does not hold
+        return None
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tables)):
         return None
     if any(t.is_inference() for t in tables):  # no version counter (made under inference_mode)

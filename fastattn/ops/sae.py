@@ -69,12 +69,8 @@ if HAVE_COMPILED:
     def _topk_bwd_fake(grad_values, x, weight, indices):
         return torch.empty_like(x), torch.empty_like(weight), weight.new_empty((weight.shape[0],))
 
-    def _topk_backward(ctx, grad_values, _grad_indices):
-        x, weight, indices = ctx.saved_tensors
-        dx, dw, db = torch.ops.fastattn.topk_encode_backward(grad_values.contiguous(), x, weight, indices)
-        return dx, dw, (db if ctx.has_bias else None), None
-
-    torch.library.register_autograd("fastattn::topk_encode", _topk_backward, setup_context=G.topk_setup)
+    torch.library.register_autograd("fastattn::topk_encode", G.topk_backward_with(torch.ops.fastattn.topk_encode_backward),
+                                    setup_context=G.topk_setup)
 
     torch.library.register_fake("fastattn::sparse_decode")(G.decode_fake)
 
@@ -82,12 +78,9 @@ if HAVE_COMPILED:
     def _decode_bwd_fake(grad_out, values, indices, weight):
         return torch.empty_like(values), torch.empty_like(weight), weight.new_empty((weight.shape[1],))
 
-    def _decode_backward(ctx, grad_out):
-        values, indices, weight = ctx.saved_tensors
-        dv, dw, db = torch.ops.fastattn.sparse_decode_backward(grad_out.contiguous(), values, indices, weight)
-        return dv, None, dw, (db if ctx.has_bias else None)
-
-    torch.library.register_autograd("fastattn::sparse_decode", _decode_backward, setup_context=G.decode_setup)
+    torch.library.register_autograd("fastattn::sparse_decode",
+                                    G.decode_backward_with(torch.ops.fastattn.sparse_decode_backward),
+                                    setup_context=G.decode_setup)
 
     torch.library.register_fake("fastattn::binary_encode")(G.binary_encode_fake)
 
@@ -99,7 +92,10 @@ if HAVE_COMPILED:
         x, weight, bias = ctx.saved_tensors
         if grad_code.shape[1] == 0:  # the code was not returned: nothing flows back
             return torch.zeros_like(x), torch.zeros_like(weight), (torch.zeros_like(bias) if ctx.has_bias else None), None, None
-        dx, dw, db = torch.ops.fastattn.binary_encode_backward(grad_code.contiguous(), x, weight, bias, ctx.ste)
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable formulation (see _sae_glue)
+            dx, dw, db = G.binary_backward_graph(grad_code, x, weight, bias, ctx.ste)
+        else:
+            dx, dw, db = torch.ops.fastattn.binary_encode_backward(grad_code.contiguous(), x, weight, bias, ctx.ste)
         return dx, dw, (db if ctx.has_bias else None), None, None
 
     torch.library.register_autograd("fastattn::binary_encode", _bin_backward, setup_context=G.binary_encode_setup)

@@ -120,11 +120,18 @@ def circular_relative_attention(q: Tensor, k: Tensor, v: Tensor, onset=None, pit
     ``terms`` are the table and coordinate keyword arguments of
     ``fastattn.circular_relative_attention``; ``dropout_seed`` selects the counter-based mask.
     """
-    B, H, Lq, D = q.shape
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return attend(q, k, v, relative_scores(q, onset, pitch, k.shape[2], **terms), alpha=alpha, scale=scale,
+                  causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p, dropout_seed=dropout_seed)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, rel: Tensor, *, alpha: float, scale: float, causal: bool,
+           key_padding_mask: Optional[Tensor], dropout_p: float, dropout_seed: int) -> Tensor:
+    """softmax(scale · (q·kᵀ + alpha · rel), masked) · v with the relative scores rel [B, H, Lq, Lk]
+    given; rows with no visible key give zeros. q [B, H, Lq, D], k/v [B, H, Lk, D]."""
+    B, H, Lq, _ = q.shape
     Lk = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    logits = q @ k.transpose(-1, -2) + alpha * relative_scores(q, onset, pitch, Lk, **terms)
-    logits = logits * scale
+    logits = (q @ k.transpose(-1, -2) + alpha * rel) * scale
     allowed = attention_mask(B, Lq, Lk, causal, key_padding_mask, q.device)
     logits = logits.masked_fill(~allowed, float("-inf"))
     # A row with no visible key is all -inf: softmax gives NaN, so zero it explicitly.

@@ -74,7 +74,7 @@ def pack_bits(code: Tensor) -> Tensor:
     if pad:
         bits = torch.cat([bits, bits.new_zeros(N, pad)], 1)
     weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=code.device)
-    return (bits.view(N, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+    return (bits.view(N, (n + pad) // 8, 8) * weights).sum(-1, dtype=torch.uint8)  # explicit: N may be 0
 
 
 def unpack_bits(packed: Tensor, n: int) -> Tensor:

@@ -1,6 +1,6 @@
 """`python -m fastattn.sae train | entropy-bench | stats` (the same as `fastattn sae ...`)."""
-import sys
 
+from fastattn._args import exit_process
 from fastattn.sae.cli import main
 
-sys.exit(main())
+exit_process(main())

@@ -15,31 +15,37 @@ import sys
 import time
 from pathlib import Path
 
+from fastattn._args import (UsageError, nonneg_float, nonneg_int, positive_float, positive_int,
+                            probability, run, seed)
+
+BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
+
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from fastattn.sae.train import TrainConfig
 
     d = TrainConfig()
     p.add_argument("--model", choices=("topk", "bae"), default=d.model)
-    p.add_argument("--latents", type=int, default=None, help="TopK: n (default 32768); BAE: d' (default 4·d)")
-    p.add_argument("--k", type=int, default=d.k)
+    p.add_argument("--latents", type=positive_int, default=None,
+                   help="TopK: n (default 32768); BAE: d' (default 4·d)")
+    p.add_argument("--k", type=positive_int, default=d.k)
     p.add_argument("--normalize-input", action="store_true")
-    p.add_argument("--aux-k", type=int, default=None)
-    p.add_argument("--aux-coef", type=float, default=d.aux_coef)
-    p.add_argument("--dead-tokens", type=int, default=d.dead_tokens)
+    p.add_argument("--aux-k", type=positive_int, default=None)
+    p.add_argument("--aux-coef", type=nonneg_float, default=d.aux_coef)
+    p.add_argument("--dead-tokens", type=positive_int, default=d.dead_tokens)
     p.add_argument("--ste", choices=("reference", "identity", "sigmoid"), default=d.ste)
     p.add_argument("--recon", choices=("mse", "l2"), default=d.recon)
-    p.add_argument("--alpha-entropy", type=float, default=d.alpha_entropy)
-    p.add_argument("--alpha-cov", type=float, default=d.alpha_cov)
-    p.add_argument("--entropy-off-epochs", type=int, default=d.entropy_off_epochs)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--backend", default=d.backend)
+    p.add_argument("--alpha-entropy", type=nonneg_float, default=d.alpha_entropy)
+    p.add_argument("--alpha-cov", type=nonneg_float, default=d.alpha_cov)
+    p.add_argument("--entropy-off-epochs", type=nonneg_int, default=d.entropy_off_epochs)
+    p.add_argument("--lr", type=positive_float, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--epochs", type=positive_int, default=d.epochs)
+    p.add_argument("--max-steps", type=positive_int, default=None)
+    p.add_argument("--seed", type=seed, default=d.seed)
+    p.add_argument("--log-every", type=positive_int, default=d.log_every)
+    p.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every)
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend)
     p.add_argument("--device", default=d.device)
     p.add_argument("--no-progress", action="store_true")
 
@@ -55,6 +61,8 @@ def _config(args, **over):
                        checkpoint_every=args.checkpoint_every, backend=args.backend, device=args.device,
                        progress=not args.no_progress)
     kw.update(over)
+    if kw["model"] == "topk" and kw["n_latents"] is not None and kw["k"] > kw["n_latents"]:
+        raise UsageError(f"--k {kw['k']} exceeds --latents {kw['n_latents']}")
     return TrainConfig(**kw)
 
 
@@ -62,8 +70,8 @@ def cmd_train(args) -> int:
     from fastattn.sae.stores import open_store
     from fastattn.sae.train import train
 
-    store = open_store(args.data, key=args.key)
     cfg = _config(args, out_dir=args.out_dir)
+    store = open_store(args.data, key=args.key)
     train(cfg, store, resume=not args.fresh)
     print(json.dumps({"out_dir": args.out_dir, "checkpoint": str(Path(args.out_dir) / "checkpoint.pt")}))
     return 0
@@ -75,6 +83,7 @@ def cmd_entropy_bench(args) -> int:
     from fastattn.sae.entropy import estimate_entropy_bits, random_direction_data
     from fastattn.sae.modules import fvu
     from fastattn.sae.stores import TensorStore
+    from fastattn._training import starts_over
     from fastattn.sae.train import train
 
     if args.no_losses:
@@ -86,7 +95,8 @@ def cmd_entropy_bench(args) -> int:
         "_nolosses" if args.no_losses else "")
     cfg = _config(args, out_dir=out_dir, checkpoint_every=10 ** 12)
     t0 = time.time()
-    model = train(cfg, TensorStore(data.train), resume=False)
+    with starts_over("entropy-bench"):
+        model = train(cfg, TensorStore(data.train), resume=False)
     model.eval()
     with torch.no_grad():
         est_all = estimate_entropy_bits(model, data.x.split(8192))
@@ -109,23 +119,14 @@ def cmd_entropy_bench(args) -> int:
     return 0
 
 
-def _load_model(path: str):
-    from fastattn.sae.train import TrainConfig, build_model, load_checkpoint
-
-    state = load_checkpoint(Path(path))
-    cfg = TrainConfig(**{**state["config"], "device": "cpu"})
-    model = build_model(cfg, state["d_in"])
-    model.load_state_dict(state["model"])
-    model.eval()
-    return cfg, model
-
-
 def cmd_stats(args) -> int:
     from fastattn.sae.entropy import estimate_entropy_bits
     from fastattn.sae.stats import feature_frequencies, frequency_histogram
     from fastattn.sae.stores import open_store
 
-    cfg, model = _load_model(args.checkpoint)
+    from fastattn.sae.train import load_trained
+
+    cfg, model = load_trained(args.checkpoint)
     store = open_store(args.data, key=args.key)
     summary = feature_frequencies(model, store.iter_rows(args.batch_size), args.dense_frequency)
     result = {"model": cfg.model, **summary.as_dict()}
@@ -148,14 +149,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     tr.add_argument("--data", required=True, help=".npy / .safetensors file or a directory of shards")
     tr.add_argument("--key", default="activations", help="tensor name inside .safetensors shards")
     tr.add_argument("--out-dir", default="runs/sae")
-    tr.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out-dir")
+    tr.add_argument("--fresh", action="store_true", help="start over: delete --out-dir's checkpoint and metrics")
     _add_train_args(tr)
     tr.set_defaults(func=cmd_train)
 
     eb = sub.add_parser("entropy-bench", help="BAE entropy estimate on the synthetic random-direction data")
-    eb.add_argument("--rank", type=int, required=True, help="r: coins, i.e. true entropy in bits")
-    eb.add_argument("--dim", type=int, default=64, help="d: input width (d' = 4d)")
-    eb.add_argument("--samples", type=int, default=65536)
+    eb.add_argument("--rank", type=positive_int, required=True, help="r: coins, i.e. true entropy in bits")
+    eb.add_argument("--dim", type=positive_int, default=64, help="d: input width (d' = 4d)")
+    eb.add_argument("--samples", type=positive_int, default=65536)
     eb.add_argument("--no-losses", action="store_true", help="α_e = α_c = 0")
     eb.add_argument("--out-dir", default=None)
     _add_train_args(eb)
@@ -169,8 +170,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     st.add_argument("--checkpoint", required=True)
     st.add_argument("--data", required=True)
     st.add_argument("--key", default="activations")
-    st.add_argument("--batch-size", type=int, default=8192)
-    st.add_argument("--dense-frequency", type=float, default=0.1)
+    st.add_argument("--batch-size", type=positive_int, default=8192)
+    st.add_argument("--dense-frequency", type=probability, default=0.1)
     st.add_argument("--png", default=None, help="write an activation-frequency histogram here")
     st.set_defaults(func=cmd_stats)
     return sae
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastattn")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["sae"] + list(sys.argv[1:] if argv is None else argv))
-    return args.func(args)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ Formats:
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from fastattn._io import CorruptFile, atomic_write_bytes
 
 KEY = "activations"
 
@@ -102,8 +103,13 @@ class NpyStore(ActivationStore):
     """``.npy`` files of shape [n_i, d] read through memmaps."""
 
     def __init__(self, paths: Sequence[Union[str, Path]]):
-        self.arrays = [np.load(p, mmap_mode="r") for p in paths]
         self.paths = [str(p) for p in paths]
+        self.arrays = []
+        for p in self.paths:
+            try:
+                self.arrays.append(np.load(p, mmap_mode="r"))
+            except (ValueError, OSError, EOFError) as e:  # truncated or not a .npy file
+                raise CorruptFile(f"{p}: unreadable .npy ({e})") from None
         for p, a in zip(self.paths, self.arrays):
             if a.ndim != 2:
                 raise ValueError(f"{p}: expected a 2-D array, got shape {a.shape}")
@@ -128,10 +134,14 @@ class SafetensorsStore(ActivationStore):
         self.paths, self.key = [str(p) for p in paths], key
         sizes, widths = [], set()
         for p in self.paths:
-            with safe_open(p, framework="pt") as f:
-                if key not in f.keys():
-                    raise ValueError(f"{p}: no tensor named {key!r} (has {list(f.keys())})")
-                shape = f.get_slice(key).get_shape()
+            try:
+                with safe_open(p, framework="pt") as f:
+                    names = list(f.keys())
+                    shape = f.get_slice(key).get_shape() if key in names else None
+            except Exception as e:  # truncated or damaged: safetensors' message names no file
+                raise CorruptFile(f"{p}: unreadable safetensors shard ({e})") from None
+            if shape is None:
+                raise ValueError(f"{p}: no tensor named {key!r} (has {names})")
             if len(shape) != 2:
                 raise ValueError(f"{p}: {key} must be 2-D, got shape {shape}")
             sizes.append(shape[0])
@@ -145,14 +155,17 @@ class SafetensorsStore(ActivationStore):
         if self._cached[0] != shard:
             from safetensors.torch import load_file
 
-            self._cached = (shard, load_file(self.paths[shard])[self.key])
+            try:
+                self._cached = (shard, load_file(self.paths[shard])[self.key])
+            except Exception as e:  # changed on disk since the store was opened
+                raise CorruptFile(f"{self.paths[shard]}: unreadable safetensors shard ({e})") from None
         return self._cached[1][torch.from_numpy(rows)].float()
 
 
 def write_shards(batches: Union[Tensor, Iterable[Tensor]], directory: Union[str, Path],
                  shard_rows: int = 1 << 18, key: str = KEY) -> List[str]:
     """Write activations as ``shard_00000.safetensors`` ... of at most ``shard_rows`` rows."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -164,9 +177,7 @@ def write_shards(batches: Union[Tensor, Iterable[Tensor]], directory: Union[str,
         nonlocal buf, rows
         if rows:
             path = directory / f"shard_{len(paths):05d}.safetensors"
-            tmp = path.with_suffix(".tmp")
-            save_file({key: torch.cat(buf).contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            atomic_write_bytes(path, save({key: torch.cat(buf).contiguous()}))
             paths.append(str(path))
         buf, rows = [], 0
 

@@ -4,17 +4,21 @@
     model = train(cfg, open_store("acts/"))
 
 - Adam; batches from the store's seeded per-epoch plan; checkpoints (model, optimizer, position
-  in the data, config) written atomically every ``checkpoint_every`` steps, at the end, and on
-  Ctrl-C; ``resume=True`` continues bit-for-bit from ``out_dir/checkpoint.pt``.
+  in the data, logging window, RNG state, config) written atomically every ``checkpoint_every``
+  steps and at the end; ``resume=True`` continues bit-for-bit from ``out_dir/checkpoint.pt`` and
+  refuses a checkpoint whose settings or data differ (``RESUMABLE`` lists what may change).
+- SIGINT/SIGTERM stop the run between whole steps (``fastattn._training``): the checkpoint is
+  saved there and ``TrainingInterrupted`` (a KeyboardInterrupt) is raised; one run per output
+  directory (lock file).
 - Metrics every ``log_every`` steps to ``out_dir/metrics.jsonl`` (and the progress bar): loss
-  terms, FVU, explained variance, L0, dead and dense fractions, BAE entropy bits.
+  terms, FVU, explained variance, L0, dead and dense fractions, BAE entropy bits; on resume the
+  records after the checkpoint (and a partial last line) are dropped.
 - ``torchrun --nproc_per_node P``: DistributedDataParallel (gloo on CPU, nccl on CUDA), each
   rank a disjoint slice of every epoch's batches; rank 0 logs and checkpoints.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -25,6 +29,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from fastattn import _io
+from fastattn._training import (StopRequest, TrainingInterrupted, check_resume, rank0_lock,
+                                rng_state, set_rng_state)
 from fastattn.sae.modules import DEAD_TOKENS, DENSE_FREQUENCY, BinaryAutoencoder, TopKSAE, fvu
 from fastattn.sae.stores import ActivationStore
 
@@ -94,14 +101,40 @@ def build_model(cfg: TrainConfig, d_in: int):
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temporary file next to ``path``, then rename it over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic: a uniquely named temp file next to ``path``, fsynced, renamed over ``path``."""
+    _io.atomic_torch_save(state, path)
 
 
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: Path, fresh: str = "--fresh") -> dict:
+    """A checkpoint of :func:`train`; an unreadable one raises ``CorruptFile`` naming it."""
+    return _io.load_checkpoint(path, required=("model", "config", "d_in"), fresh=fresh)
+
+
+# Settings a resumed run may change: how long it runs, how it reports, where it runs.
+RESUMABLE = ("epochs", "max_steps", "log_every", "checkpoint_every", "progress", "device",
+             "backend", "out_dir")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """ValueError naming the first TrainConfig field out of range."""
+    def finite(x, lo=0.0):
+        return isinstance(x, (int, float)) and math.isfinite(x) and x >= lo
+    checks = [("model", cfg.model in ("topk", "bae")),
+              ("n_latents", cfg.n_latents is None or cfg.n_latents >= 1), ("k", cfg.k >= 1),
+              ("k", cfg.model != "topk" or cfg.n_latents is None or cfg.k <= cfg.n_latents),
+              ("aux_k", cfg.aux_k is None or cfg.aux_k >= 1), ("aux_coef", finite(cfg.aux_coef)),
+              ("dead_tokens", cfg.dead_tokens >= 1), ("alpha_entropy", finite(cfg.alpha_entropy)),
+              ("alpha_cov", finite(cfg.alpha_cov)),
+              ("entropy_off_epochs", cfg.entropy_off_epochs >= 0),
+              ("lr", cfg.lr is None or finite(cfg.lr) and cfg.lr > 0),
+              ("batch_size", cfg.batch_size >= 1), ("epochs", cfg.epochs >= 1),
+              ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1),
+              ("seed", 0 <= cfg.seed < 2 ** 63), ("log_every", cfg.log_every >= 1),
+              ("checkpoint_every", cfg.checkpoint_every >= 1),
+              ("dense_frequency", finite(cfg.dense_frequency) and cfg.dense_frequency <= 1)]
+    for name, ok in checks:
+        if not ok:
+            raise ValueError(f"TrainConfig.{name} is out of range: {getattr(cfg, name)!r}")
 
 
 class _Window:
@@ -126,6 +159,13 @@ class _Window:
         out["never_fired_frac"] = float((self.counts == 0).double().mean())
         return out
 
+    def state_dict(self) -> dict:
+        return {"counts": self.counts.clone(), "tokens": self.tokens, "sums": dict(self.sums)}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.counts.copy_(st["counts"])
+        self.tokens, self.sums = st["tokens"], dict(st["sums"])
+
 
 def _distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -136,36 +176,53 @@ def _distributed():
     return 0, 1
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
-    path.write_text("".join(ln + "\n" for ln in lines))
-
-
 def train(cfg: TrainConfig, store: ActivationStore, *, resume: bool = True):
-    """Train the model ``cfg`` describes on ``store``; returns the (unwrapped) model."""
+    """Train the model ``cfg`` describes on ``store``; returns the (unwrapped) model.
+
+    ``resume=False`` starts over (deleting the directory's checkpoint and metrics). Raises
+    ``TrainingInterrupted`` after saving a checkpoint when SIGINT/SIGTERM arrived.
+    """
+    check_config(cfg)
     rank, world = _distributed()
     out_dir = Path(cfg.out_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(cfg.device)
+    with rank0_lock(out_dir, rank, world, dev), StopRequest(world, dev) as stop:
+        return _train(cfg, store, resume, rank, world, out_dir, stop)
+
+
+def _train(cfg, store, resume, rank, world, out_dir, stop):
     ckpt_path, metrics_path = out_dir / CHECKPOINT, out_dir / METRICS
+    config = dataclasses.asdict(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, store.d)
     n_latents = model.n_latents if cfg.model == "topk" else model.d_hidden
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate(n_latents))
-    step, epoch, step_in_epoch = 0, 0, 0
+    window = _Window(n_latents, cfg.device)
+    step, epoch, step_in_epoch, window_steps, elapsed, loaded = 0, 0, 0, 0, 0.0, False
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
+        saved = dict(state["config"], d_in=state["d_in"])
+        if "shard_sizes" in state:
+            saved["shard_sizes"] = state["shard_sizes"]
+        check_resume(ckpt_path, saved, dict(config, d_in=store.d, shard_sizes=list(store.shard_sizes)),
+                     RESUMABLE)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        if rank == 0:
-            _trim_metrics(metrics_path, step)
-    elif rank == 0 and metrics_path.exists():
-        metrics_path.unlink()
-    if cfg.model == "topk" and step == 0:
+        if "window" in state:
+            window.load_state_dict(state["window"])
+            window_steps = state["window"]["steps"]
+        if "rng" in state:
+            set_rng_state(state["rng"], torch.device(cfg.device))
+        elapsed, loaded = float(state.get("elapsed_s", 0.0)), True
+    if rank == 0:
+        _io.remove_stale_temps(out_dir)
+        if step == 0:  # files of an earlier run would mix with this one's
+            ckpt_path.unlink(missing_ok=True)
+            metrics_path.unlink(missing_ok=True)
+        else:  # records after the checkpoint (a killed run's) are written again by this run
+            _io.trim_jsonl(metrics_path, lambda r: r.get("step", 0) <= step)
+    if cfg.model == "topk" and not loaded:
         model.set_decoder_norm_to_unit_norm()
     wrapped = model
     if world > 1:
@@ -179,12 +236,19 @@ def train(cfg: TrainConfig, store: ActivationStore, *, resume: bool = True):
                 if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                 else {"broadcast_buffers": False})  # torch < 2.13
         wrapped = DistributedDataParallel(model, **sync)
+    t0, saved_at = time.time(), -1
 
     def checkpoint():
+        nonlocal saved_at
+        saved_at = step
         if rank == 0:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                         "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                                        "config": dataclasses.asdict(cfg), "d_in": store.d})
+                                        "window": {**window.state_dict(), "steps": window_steps},
+                                        "rng": rng_state(torch.device(cfg.device)),
+                                        "elapsed_s": elapsed + time.time() - t0,
+                                        "config": config, "d_in": store.d,
+                                        "shard_sizes": list(store.shard_sizes)})
 
     per_epoch = store.steps_per_epoch(cfg.batch_size, world, drop_last=world > 1)
     total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
@@ -193,83 +257,92 @@ def train(cfg: TrainConfig, store: ActivationStore, *, resume: bool = True):
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, desc=f"train {cfg.model}", dynamic_ncols=True)
-    window = _Window(n_latents, cfg.device)
-    window_steps, t0 = 0, time.time()
-    try:
+
+    def one_step(x):
+        nonlocal step, step_in_epoch, window, window_steps
+        x = x.to(cfg.device)
+        if cfg.model == "bae":
+            a_e = 0.0 if epoch < cfg.entropy_off_epochs else cfg.alpha_entropy
+            out = wrapped(x, alpha_entropy=a_e)
+            counts = out.counts
+            extra = dict(recon_loss=out.recon_loss.item(), entropy_loss=out.entropy_loss.item(),
+                         cov_loss=out.cov_loss.item(), entropy_bits=out.entropy_bits,
+                         fvu=fvu(x, out.x_hat.detach()).item())
+        else:
+            out = wrapped(x)
+            counts = torch.bincount(out.indices[out.values > 0], minlength=n_latents)
+            extra = dict(fvu=out.fvu.item(), auxk_loss=out.auxk_loss.item())
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.model == "topk":
+            model.before_step()
+        opt.step()
+        if cfg.model == "topk":
+            model.after_step()
+            fired = counts > 0
+            if world > 1:
+                fired_i = fired.to(torch.int32)
+                dist.all_reduce(fired_i, op=dist.ReduceOp.MAX)
+                fired = fired_i > 0
+            model.record_firing(fired, x.shape[0] * world)
+        window.add(counts, x.shape[0], loss=out.loss.item(), **extra)
+        step += 1
+        step_in_epoch += 1
+        window_steps += 1
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            rec = _log_record(cfg, model, window, window_steps, step, epoch, elapsed + time.time() - t0)
+            if rank == 0:
+                _io.append_jsonl(metrics_path, rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4g}", fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}")
+            window, window_steps = _Window(n_latents, cfg.device), 0
+        if step % cfg.checkpoint_every == 0:
+            checkpoint()
+
+    def run() -> bool:
+        """Steps until the end (False) or a stop request at a step boundary (True)."""
+        nonlocal epoch, step_in_epoch
         while epoch < cfg.epochs and step < total:
+            if stop.check():
+                return True
             for x in store.batches(cfg.batch_size, epoch, cfg.seed, skip=step_in_epoch, rank=rank,
                                    world=world, drop_last=world > 1):
-                x = x.to(cfg.device)
-                if cfg.model == "bae":
-                    a_e = 0.0 if epoch < cfg.entropy_off_epochs else cfg.alpha_entropy
-                    out = wrapped(x, alpha_entropy=a_e)
-                    counts = out.counts
-                    extra = dict(recon_loss=out.recon_loss.item(), entropy_loss=out.entropy_loss.item(),
-                                 cov_loss=out.cov_loss.item(), entropy_bits=out.entropy_bits,
-                                 fvu=fvu(x, out.x_hat.detach()).item())
-                else:
-                    out = wrapped(x)
-                    counts = torch.bincount(out.indices[out.values > 0], minlength=n_latents)
-                    extra = dict(fvu=out.fvu.item(), auxk_loss=out.auxk_loss.item())
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if cfg.model == "topk":
-                    model.before_step()
-                opt.step()
-                if cfg.model == "topk":
-                    model.after_step()
-                    fired = counts > 0
-                    if world > 1:
-                        fired_i = fired.to(torch.int32)
-                        dist.all_reduce(fired_i, op=dist.ReduceOp.MAX)
-                        fired = fired_i > 0
-                    model.record_firing(fired, x.shape[0] * world)
-                window.add(counts, x.shape[0], loss=out.loss.item(), **extra)
-                step += 1
-                step_in_epoch += 1
-                window_steps += 1
-                if bar is not None:
-                    bar.update(1)
-                if step % cfg.log_every == 0 or step == total:
-                    rec = _log_record(cfg, model, window, window_steps, step, epoch, t0)
-                    if rank == 0:
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{rec['loss']:.4g}", fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}")
-                    window, window_steps = _Window(n_latents, cfg.device), 0
-                if step % cfg.checkpoint_every == 0:
-                    checkpoint()
+                one_step(x)
                 if step >= total:
-                    break
-            else:
-                epoch, step_in_epoch = epoch + 1, 0
-        checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        if rank == 0:
-            print(f"\ninterrupted: checkpoint at step {step} in {ckpt_path}")
-        raise
+                    return False
+                if stop.check():
+                    return True
+            epoch, step_in_epoch = epoch + 1, 0
+        return False
+
+    try:
+        interrupted = run()
     finally:
         if bar is not None:
             bar.close()
+    if saved_at != step:
+        checkpoint()
+    if interrupted:
+        raise TrainingInterrupted(step, ckpt_path)
     return model
 
 
-def _log_record(cfg, model, window, window_steps, step, epoch, t0) -> dict:
+def _log_record(cfg, model, window, window_steps, step, epoch, elapsed) -> dict:
     rec = {"step": step, "epoch": epoch, **window.summary(window_steps, cfg.dense_frequency)}
     rec["explained_variance"] = 1.0 - rec["fvu"]
     if cfg.model == "topk":
         rec["dead_frac"] = float(model.dead_mask().double().mean())
     else:
         rec["dead_frac"] = rec["never_fired_frac"]  # BAE: no long-horizon counter; none fired in the window
-    rec["time_s"] = round(time.time() - t0, 3)
+    rec["time_s"] = round(elapsed, 3)
     return rec
 
 
 def load_trained(path, device: str = "cpu"):
     """(TrainConfig, model in eval mode) from a checkpoint written by :func:`train`."""
-    state = load_checkpoint(Path(path))
+    state = load_checkpoint(Path(path), fresh="")
     cfg = TrainConfig(**{**state["config"], "device": device})
     model = build_model(cfg, state["d_in"])
     model.load_state_dict(state["model"])
