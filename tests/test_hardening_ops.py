@@ -46,7 +46,6 @@ def _xfail(reason):
 
 
 H18_CPP = _xfail("h18 fixes the cpp kernel (csrc/cpu/circular_relative_attention.cpp)")
-H15_TRITON = _xfail("h15: the Triton attention kernels return finite values where the reference has NaN")
 H15_CUDA = _xfail("h15: csrc/cuda kernels")
 
 
@@ -143,9 +142,6 @@ def _emu_attention():
 def _nan_params():
     marks = {"cpp": [needs_cpp], "triton": [needs_triton], "cuda_emu": [_needs_emu("circular_relative_attention")]}
     xfails = {("cpp", c): H18_CPP for c in NAN_CASES}
-    xfails.update({("triton", c): H15_TRITON for c in NAN_CASES})
-    xfails[("cuda_emu", "overflow_qk")] = _xfail("h15: csrc/cuda attention gives finite rows where the logits "
-                                                 "overflow (160 of 192 outputs NaN, reference 192)")
     return [pytest.param(b, c, marks=marks[b] + ([xfails[(b, c)]] if (b, c) in xfails else []), id=f"{b}-{c}")
             for b in marks for c in NAN_CASES]
 
