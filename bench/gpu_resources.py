@@ -5,6 +5,8 @@
     python bench/gpu_resources.py --quick --check       # CI gate: paper configuration, exit 1 on
                                                         # any spill or compile failure
     python bench/gpu_resources.py --cuda-log LOG        # CUDA rows from an nvcc -Xptxas -v log
+    python bench/gpu_resources.py --only attention --configs decode --out CSV --update
+                                                        # recompile some rows of a CSV
 
 Triton kernels are compiled through their real launch path: the launchers of
 fastattn/triton/*.py run on ``meta`` tensors of the benchmark shapes (no memory, no GPU) with
@@ -440,6 +442,10 @@ def main(argv=None) -> int:
                     default=["attention", "sae", "cuda"])
     ap.add_argument("--cuda-log", type=Path, help="parse this nvcc -Xptxas -v log instead of compiling")
     ap.add_argument("--out", type=Path, help="CSV to write (default: print only)")
+    ap.add_argument("--configs", metavar="TEXT", help="only the attention configurations whose name contains "
+                    "TEXT (e.g. 'decode', 'fp32 D=128')")
+    ap.add_argument("--update", action="store_true",
+                    help="replace the rows of --out that this run recompiles, keep the others")
     ap.add_argument("--markdown", type=Path, metavar="CSV", help="print README tables from a CSV and exit")
     ap.add_argument("--first-call", action="store_true",
                     help="on a GPU: also time the first (cold cache) and second call of the Triton op")
@@ -462,6 +468,8 @@ def main(argv=None) -> int:
     if "attention" in args.only:
         for cfg in attention_configs(args.quick):
             name = f"attention {cfg['dtype']} D={cfg['D']} {cfg['combine']} {cfg['mode']}"
+            if args.configs and args.configs not in name:
+                continue
             paper = all(cfg[k] == v for k, v in PAPER.items())
             for arch in args.arch:
                 with compile_target(arch):  # the launchers plan tiles for this generation
@@ -485,12 +493,19 @@ def main(argv=None) -> int:
 
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        out = [{k: ("" if v is None else v) for k, v in dict(asdict(r), notes="; ".join(r.notes)).items()}
+               for r in rows]
+        if args.update and args.out.exists():  # keep the old row order, new values where recompiled
+            key = lambda r: (r["backend"], r["kernel"], str(r["arch"]), r["config"])  # noqa: E731
+            fresh = {key(r): r for r in out}
+            old = list(csv.DictReader(open(args.out)))
+            known = {key(r) for r in old}
+            out = [fresh.get(key(r), r) for r in old] + [r for r in out if key(r) not in known]
         with open(args.out, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             w.writeheader()
-            for r in rows:
-                w.writerow(dict(asdict(r), notes="; ".join(r.notes)))
-        print(f"wrote {len(rows)} rows to {args.out}")
+            w.writerows(out)
+        print(f"wrote {len(out)} rows to {args.out}")
 
     bad = [r for r in rows if r.paper and (r.status != "ok" or r.spills())]
     bad += [r for r in rows if r.status != "ok" and r not in bad]

@@ -511,10 +511,12 @@ class _Plan:
         self.BD = max(16, triton.next_power_of_2(D))
         self.nsmall = max(self.N - self.small_off, 1)
         # Tiles (query rows x keys; CH-row slices of the tables) for a GPU, checked for sm_80 and
-        # sm_90 by bench/gpu_resources.py: no spills for 16-bit inputs with D <= 128 and fp32
-        # with D <= 64 (fp32 products are FMA dots holding D-long operand slices in registers),
-        # two 4-warp programs per SM at the paper's configuration (bf16, D = 64). The backward
-        # takes 32 query rows, fp32 and D = 128 take 8 warps, decoding 16 query rows and 4 warps.
+        # sm_90 by bench/gpu_resources.py: no spills at the paper's configuration (bf16, D = 64),
+        # two 4-warp programs per SM there. The backward takes 32 query rows, fp32 and D = 128
+        # take 8 warps (fewer registers per thread), decoding 16 query rows (8 warps only at
+        # D = 128: fp32 decoding with D <= 64 spills with 8). Still spilling (the CSV lists them):
+        # fp32 with D = 128 (FMA dots hold D-long operand slices in registers), fp32 D = 64's
+        # second backward pass (40 B) and sm_80's 16-bit D = 128 forward (136 B).
         half = table.dtype in (torch.float16, torch.bfloat16)
         if capability(table.device) is None:  # the interpreter: one backward pass, tiles sized to
             # the problem (its cost is per step, and per key for the segmented scan)
@@ -525,7 +527,7 @@ class _Plan:
             self.BM = 16 if Lq <= 16 else (64 if half and not backward else 32)
             self.BN = self.CH = 32
             self.passes = (1, 2) if self.ns else (2,)
-            self.num_warps = 4 if (half and D <= 64) or Lq <= 16 else 8
+            self.num_warps = 4 if D <= 64 and (half or Lq <= 16) else 8
         self.NIDX = triton.cdiv(self.BM + self.BN - 1, self.CH)  # slices of an index band
         n_mtiles = triton.cdiv(Lq, self.BM)
         # Δn of every band slice any tile pair can touch: [DN0, DN0 + NDN)
