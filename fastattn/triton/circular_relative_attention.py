@@ -512,19 +512,22 @@ class _Plan:
         self.nsmall = max(self.N - self.small_off, 1)
         # Tiles (query rows x keys; CH-row slices of the tables) for a GPU, checked for sm_80 and
         # sm_90 by bench/gpu_resources.py: no spills at the paper's configuration (bf16, D = 64),
-        # two 4-warp programs per SM there. The backward takes 32 query rows, fp32 and D = 128
-        # take 8 warps (fewer registers per thread), decoding 16 query rows (8 warps only at
-        # D = 128: fp32 decoding with D <= 64 spills with 8). Still spilling (the CSV lists them):
-        # fp32 with D = 128 (FMA dots hold D-long operand slices in registers), fp32 D = 64's
-        # second backward pass (40 B) and sm_80's 16-bit D = 128 forward (136 B).
+        # two 4-warp programs per SM there. The backward, fp32 and sm_80's D = 128 forward (whose
+        # mma.sync operands live in registers) take 32 query rows, fp32 and D = 128 take 8 warps
+        # (fewer registers per thread), decoding 16 query rows (8 warps only at D = 128: fp32
+        # decoding with D <= 64 spills with 8). Still spilling (the CSV lists them): fp32 with
+        # D = 128 (FMA dots hold D-long operand slices in registers) and fp32 D = 64's second
+        # backward pass (40 B).
         half = table.dtype in (torch.float16, torch.bfloat16)
-        if capability(table.device) is None:  # the interpreter: one backward pass, tiles sized to
+        cap = capability(table.device)
+        if cap is None:  # the interpreter: one backward pass, tiles sized to
             # the problem (its cost is per step, and per key for the segmented scan)
             self.BM = min(64, max(16, triton.next_power_of_2(Lq)))
             self.BN = min(64, max(16, triton.next_power_of_2(Lk)))
             self.CH, self.passes, self.num_warps = 128, (0,), 4
         else:
-            self.BM = 16 if Lq <= 16 else (64 if half and not backward else 32)
+            wide = half and not backward and (D <= 64 or cap >= 90)
+            self.BM = 16 if Lq <= 16 else (64 if wide else 32)
             self.BN = self.CH = 32
             self.passes = (1, 2) if self.ns else (2,)
             self.num_warps = 4 if D <= 64 and (half or Lq <= 16) else 8
