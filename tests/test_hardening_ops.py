@@ -46,7 +46,6 @@ def _xfail(reason):
 
 
 H18_CPP = _xfail("h18 fixes the cpp kernel (csrc/cpu/circular_relative_attention.cpp)")
-H15_CUDA = _xfail("h15: csrc/cuda kernels")
 
 
 # ----------------------------------------------------------------------------- integer arguments
@@ -157,10 +156,8 @@ def test_attention_divergence_is_never_hidden(backend, case):
 # ----------------------------------------------------------------------------- NaN: SAE ops
 
 def _sae_backends(op):
-    emu_fail = {"topk_w": H15_CUDA, "topk_x": H15_CUDA}
     out = [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
-    marks = [_needs_emu("sae")] + ([emu_fail[op]] if op in emu_fail else [])
-    return out + [pytest.param("cuda_emu", marks=marks)]
+    return out + [pytest.param("cuda_emu", marks=[_needs_emu("sae")])]
 
 
 def _sae(backend, op, *args, **kw):
