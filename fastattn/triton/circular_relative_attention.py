@@ -47,6 +47,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastattn.ops._cra_autograd import backward_with, setup_context
+from fastattn.reference.raw_terms import check_raw_args
 from fastattn.triton._common import capability, precision
 from fastattn.triton._common import dot as _dot
 
@@ -670,7 +671,11 @@ def circular_relative_attention_op(q: Tensor, k: Tensor, v: Tensor, table: Tenso
                                    terms: List[int], alpha: float, scale: float, causal: bool,
                                    key_padding_mask: Optional[Tensor], dropout_p: float,
                                    seed: int) -> Tuple[Tensor, Tensor]:
-    """The Triton twin of torch.ops.fastattn.circular_relative_attention: (out, lse fp32)."""
+    """The Triton twin of torch.ops.fastattn.circular_relative_attention: (out, lse fp32). Raw
+    arguments are checked as the C++ op checks them (coordinate values on CPU only: on a GPU that
+    would be a device sync, and the kernels clamp every row)."""
+    check_raw_args(q, k, v, table, coords, terms, alpha, scale, causal, key_padding_mask, dropout_p, seed,
+                   check_values=coords.device.type == "cpu")
     return forward(q, k, v, table, coords, terms, alpha, scale, causal, key_padding_mask, dropout_p, seed)
 
 
