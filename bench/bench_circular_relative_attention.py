@@ -16,11 +16,19 @@ backward pass of one ``out``. Every provider is checked against the fp64 referen
 L before it is timed; a provider that cannot run or fails the check is skipped with its reason.
 
 Modes: fwd (forward under no_grad), bwd (backward only: one forward with grad, then time
-``out.backward(grad, retain_graph=True)``), fwd_bwd (both), decode (Lq = 1 query against
-Lk = --decode-Lk keys, forward under no_grad).
+``out.backward(grad, retain_graph=True)``), fwd_bwd (both), decode (one generation step under
+no_grad: append the newest token's k/v/coordinates to a ``fastattn.nn.KVCache`` holding the
+other Lk − 1 tokens, attend with that one query over all Lk keys, drop the token again; for
+B in --decode-B). The cpp provider decodes through the cache path the music model uses
+(``ops.circular_relative_attention.cached_decode``: the new token's coordinate channels only,
+the assembled table reused, one kernel call); the others run their op on the cache's views.
 
-Timing: CPU wall clock (torch threads untouched), --warmup runs then up to --repeats runs (fewer
-when --max-seconds runs out, at least 3), median; CUDA ``triton.testing.do_bench`` quantiles
+--time-modes fields adds rows for the authors' convention (per-token bar and position,
+pos_table of 2·bar_res − 1 rows) beside the default quotient mode (materialized: quotient only).
+
+Timing: CPU wall clock (torch threads untouched; --clock cpu: the process's CPU time instead, for
+single-thread runs on a machine shared with other work, where wall time measures the others),
+--warmup runs then up to --repeats runs (fewer when --max-seconds runs out, at least 3), median; CUDA ``triton.testing.do_bench`` quantiles
 [0.5, 0.2, 0.8]. Peak memory: on CPU every (provider, mode, shape) runs in a fresh subprocess,
 which primes torch on a tiny problem, creates the inputs, resets the kernel's peak-RSS mark
 (``/proc/self/clear_refs``) and reports how far the peak RSS (VmHWM) rises above the RSS of that
@@ -63,8 +71,8 @@ _REF = importlib.import_module("fastattn.reference.circular_relative_attention")
 
 OP = "circular_relative_attention"
 MODES = ("fwd", "bwd", "fwd_bwd", "decode")
-CSV_COLUMNS = ("op", "provider", "mode", "B", "H", "Lq", "Lk", "D", "dtype", "ms", "peak_mem_mb",
-               "device", "torch", "triton", "commit", "date")
+CSV_COLUMNS = ("op", "provider", "mode", "time_mode", "B", "H", "Lq", "Lk", "D", "dtype", "ms",
+               "peak_mem_mb", "device", "threads", "load1", "clock", "torch", "triton", "commit", "date")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 # Correctness check against the fp64 reference: (forward, backward) tolerance, used as both
@@ -96,6 +104,7 @@ class Config:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
+    time_mode: str = "quotient"
 
 
 class Inputs(NamedTuple):
@@ -105,6 +114,7 @@ class Inputs(NamedTuple):
     onset: torch.Tensor           # [B, Lk] int64
     pitch: torch.Tensor           # [B, Lk] int64, -1 = missing
     tables: Dict[str, torch.Tensor]
+    options: dict                 # OPTIONS plus, for time_mode="fields", time_mode/bar/position
 
     def leaves(self):
         return [self.q, self.k, self.v, *self.tables.values()]
@@ -128,7 +138,13 @@ def make_inputs(cfg: Config, requires_grad: bool, dtype: Optional[torch.dtype] =
     onset = steps.cumsum(1) - steps[:, :1]
     pitch = torch.randint(21, 109, (B, Lk), generator=g)
     pitch[torch.rand(B, Lk, generator=g) < PITCH_MISSING] = -1
-    return Inputs(q, k, v, onset.to(cfg.device), pitch.to(cfg.device), tables)
+    onset, pitch = onset.to(cfg.device), pitch.to(cfg.device)
+    options = dict(OPTIONS)
+    if cfg.time_mode == "fields":  # the authors' convention: per-token bar and position
+        R = OPTIONS["bar_res"]
+        tables["pos_table"] = rand(2 * R - 1, D)
+        options.update(time_mode="fields", bar=onset // R, position=onset % R)
+    return Inputs(q, k, v, onset, pitch, tables, options)
 
 
 # ----------------------------------------------------------------------------- providers
@@ -152,9 +168,64 @@ def _fastattn(backend: str):
 
         def fwd():
             return fastattn.circular_relative_attention(
-                inp.q, inp.k, inp.v, inp.onset, inp.pitch, backend=backend, **inp.tables, **OPTIONS)
+                inp.q, inp.k, inp.v, inp.onset, inp.pitch, backend=backend, **inp.tables, **inp.options)
         return fwd, autograd_bwd
     setup.__name__ = f"setup_{backend}"
+    return setup
+
+
+class DecodeCache:
+    """A KV cache holding the first Lk − 1 tokens of ``inp``; ``step(attend)`` appends the last
+    token, returns ``attend(cache)`` and drops the token again (one generation step)."""
+
+    def __init__(self, inp: Inputs):
+        from fastattn.nn import KVCache
+        B, H, Lk, D = inp.k.shape
+        self.inp, self.Lk = inp, Lk
+        self.cache = KVCache(B, H, D, capacity=Lk + 1, dtype=inp.k.dtype, device=inp.k.device)
+        self.extra = {n: inp.options[n] for n in ("bar", "position") if n in inp.options}
+        with torch.no_grad():
+            self.cache.append(inp.k[:, :, :-1], inp.v[:, :, :-1], inp.onset[:, :-1], inp.pitch[:, :-1],
+                              **{n: t[:, :-1] for n, t in self.extra.items()})
+
+    def new_coords(self) -> dict:
+        return {"onset": self.inp.onset[:, -1:], "pitch": self.inp.pitch[:, -1:],
+                **{n: t[:, -1:] for n, t in self.extra.items()}}
+
+    def step(self, attend):
+        c, inp = self.cache, self.inp
+        c.append(inp.k[:, :, -1:], inp.v[:, :, -1:], inp.onset[:, -1:], inp.pitch[:, -1:],
+                 **{n: t[:, -1:] for n, t in self.extra.items()})
+        try:
+            return attend(c)
+        finally:
+            c.truncate(self.Lk - 1)
+
+
+def decode_cpp(cfg: Config, inp: Inputs):
+    """The music model's decoding path: cached_decode over a KV cache (see the module docstring)."""
+    from fastattn.ops import _cra_terms
+    from fastattn.ops.circular_relative_attention import cached_decode
+    dc = DecodeCache(inp)
+    opts = {n: v for n, v in inp.options.items() if n not in ("bar", "position")}
+    combine, time_mode = opts.pop("combine"), opts.pop("time_mode", "quotient")
+    alpha, causal = opts.pop("alpha"), opts.pop("causal")
+    kw = {**dict.fromkeys(_cra_terms.TABLE_ARGS), **inp.tables, **opts, "bar": None, "position": None}
+    for n in ("time_min", "pitch_min"):
+        kw.setdefault(n, 0 if n == "time_min" else -127)
+
+    def attend(c):
+        return cached_decode(inp.q, c, dc.new_coords(), kw, combine=combine, time_mode=time_mode, alpha=alpha,
+                             causal=causal, backend="cpp")
+    return lambda: dc.step(attend)
+
+
+def decode_with(fwd_on):
+    """A decoding step for a provider whose ``fwd_on(k, v, onset, pitch)`` runs its op on the
+    cache's views (bar/position, when used, come from inp.options: all Lk tokens)."""
+    def setup(cfg: Config, inp: Inputs):
+        dc = DecodeCache(inp)
+        return lambda: dc.step(lambda c: fwd_on(c.k, c.v, c.onset, c.pitch))
     return setup
 
 
@@ -165,6 +236,9 @@ setup_reference = _fastattn("reference")
 
 
 def setup_materialized(cfg: Config, inp: Inputs):
+    if cfg.time_mode != "quotient":
+        return Skip("the materialising implementation has the quotient time mode only")
+
     def fwd():
         return circular_relative_attention_materialized(
             inp.q, inp.k, inp.v, inp.onset, inp.pitch, **inp.tables, **OPTIONS)
@@ -239,6 +313,17 @@ def setup_flex(cfg: Config, inp: Inputs):
     return fwd, autograd_bwd
 
 
+# Decoding steps (mode "decode"): name -> setup(cfg, inp) returning step_fn; providers without
+# one are not run in decode mode.
+DECODE_STEPS: Dict[str, Callable] = {
+    "cpp": decode_cpp,
+    "reference": lambda cfg, inp: decode_with(lambda k, v, o, p: fastattn.circular_relative_attention(
+        inp.q, k, v, o, p, backend="reference", **inp.tables, **inp.options))(cfg, inp),
+    "materialized": lambda cfg, inp: decode_with(lambda k, v, o, p: circular_relative_attention_materialized(
+        inp.q, k, v, o, p, **inp.tables, **OPTIONS))(cfg, inp),
+    "sdpa": lambda cfg, inp: decode_with(lambda k, v, o, p: F.scaled_dot_product_attention(inp.q, k, v))(cfg, inp),
+}
+
 # name -> setup_<name>(cfg, inp) returning (fwd_fn, bwd_fn) or Skip(reason).
 # Add GPU providers here; providers listed but unavailable are skipped with their reason.
 PROVIDERS: Dict[str, Callable] = {
@@ -267,7 +352,7 @@ def _oracle(provider: str, inp: Inputs, Lq: int, Lk: int):
             s = s.masked_fill(~mask, float("-inf"))
         return torch.softmax(s, -1) @ inp.v
     return _REF.circular_relative_attention(inp.q, inp.k, inp.v, inp.onset, inp.pitch,
-                                            **inp.tables, **OPTIONS)
+                                            **inp.tables, **inp.options)
 
 
 def _max_err(got: torch.Tensor, want: torch.Tensor, tol: float) -> Optional[str]:
@@ -391,7 +476,7 @@ def _runner(mode: str, fwd, bwd, inp: Inputs):
     return first, fwd_bwd
 
 
-def measure(cfg: Config, repeats: int, warmup: int, max_seconds: float) -> dict:
+def measure(cfg: Config, repeats: int, warmup: int, max_seconds: float, clock: str = "wall") -> dict:
     """Time and peak memory of one (provider, mode, shape); {'skip': reason} if it cannot run."""
     needs_grad = cfg.mode in ("bwd", "fwd_bwd")
     # Prime torch and the provider's code paths on a tiny problem so that one-off
@@ -409,6 +494,21 @@ def measure(cfg: Config, repeats: int, warmup: int, max_seconds: float) -> dict:
     if isinstance(fns, Skip):
         return {"skip": fns.reason}
     first, again = _runner(cfg.mode, *fns, inp)
+    if cfg.mode == "decode":
+        if cfg.provider not in DECODE_STEPS or cfg.device != "cpu":
+            return {"skip": "no decoding step for this provider/device"}
+        with torch.no_grad():
+            want, step = fns[0](), DECODE_STEPS[cfg.provider](cfg, inp)
+            got = step()
+        if got is None:  # cached_decode declined (e.g. the KV cache stores no bar/position)
+            return {"skip": "no cached decoding path for these terms"}
+        if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+            return {"skip": "the decoding step does not match the provider's forward"}
+
+        def again():
+            with torch.no_grad():
+                return step()
+        first = again
     gc.collect()
     if cfg.device == "cuda":
         peak_mb = cuda_peak_mb(first)
@@ -423,10 +523,11 @@ def measure(cfg: Config, repeats: int, warmup: int, max_seconds: float) -> dict:
         again()
     times = []
     start = time.perf_counter()
+    now = time.process_time if clock == "cpu" else time.perf_counter
     while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < max_seconds):
-        t0 = time.perf_counter()
+        t0 = now()
         again()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((now() - t0) * 1e3)
     q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
     return {"ms": statistics.median(times), "p20": q[0], "p80": q[3], "peak_mem_mb": peak_mb,
             "runs": len(times)}
@@ -435,7 +536,7 @@ def measure(cfg: Config, repeats: int, warmup: int, max_seconds: float) -> dict:
 def measure_in_subprocess(cfg: Config, args) -> dict:
     """measure() in a fresh interpreter, so that its peak RSS is this measurement's alone."""
     spec = json.dumps({"cfg": asdict(cfg), "repeats": args.repeats, "warmup": args.warmup,
-                       "max_seconds": args.max_seconds})
+                       "max_seconds": args.max_seconds, "clock": args.clock})
     try:
         proc = subprocess.run([sys.executable, __file__, "--single", spec], capture_output=True,
                               text=True, timeout=args.timeout)
@@ -451,7 +552,7 @@ def measure_in_subprocess(cfg: Config, args) -> dict:
 def run_single(spec: str) -> None:
     s = json.loads(spec)
     try:
-        res = measure(Config(**s["cfg"]), s["repeats"], s["warmup"], s["max_seconds"])
+        res = measure(Config(**s["cfg"]), s["repeats"], s["warmup"], s["max_seconds"], s.get("clock", "wall"))
     except Exception as exc:
         res = {"skip": f"raised {type(exc).__name__}: {exc}"}
     print("RESULT " + json.dumps(res), flush=True)
@@ -493,9 +594,16 @@ def append_rows(path: Path, rows, columns=CSV_COLUMNS) -> None:
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+            f.seek(0)
             header = next(csv.reader(f), None)
         if tuple(header or ()) != tuple(columns):
-            raise SystemExit(f"{path} has columns {header}, expected {list(columns)}")
+            if not set(header or ()) <= set(columns):
+                raise SystemExit(f"{path} has columns {header}, expected {list(columns)}")
+            with open(path, "w", newline="") as f:  # an older layout: add the new columns, blank
+                w = csv.DictWriter(f, fieldnames=columns)
+                w.writeheader()
+                w.writerows(old)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         if new:
@@ -515,12 +623,12 @@ def print_table(results) -> None:
     """results: list of (cfg, res). One block per (mode, Lq, Lk)."""
     blocks: Dict[tuple, list] = {}
     for cfg, res in results:
-        blocks.setdefault((cfg.mode, cfg.Lq, cfg.Lk), []).append((cfg, res))
+        blocks.setdefault((cfg.mode, cfg.time_mode, cfg.B, cfg.Lq, cfg.Lk), []).append((cfg, res))
     head = (f"{'provider':<13}{'ms':>10}{'p20-p80 ms':>18}{'peak MB':>10}{'TFLOP/s':>9}"
             f"{'t/t_sdpa':>10}{'t_mat/t':>9}  note")
-    for (mode, Lq, Lk), rows in blocks.items():
+    for (mode, time_mode, B, Lq, Lk), rows in blocks.items():
         cfg0 = rows[0][0]
-        print(f"\n{mode}  B={cfg0.B} H={cfg0.H} Lq={Lq} Lk={Lk} D={cfg0.D} {cfg0.dtype}")
+        print(f"\n{mode} {time_mode}  B={B} H={cfg0.H} Lq={Lq} Lk={Lk} D={cfg0.D} {cfg0.dtype}")
         print(head)
         ms_of = {c.provider: r["ms"] for c, r in rows if "ms" in r}
         for cfg, res in rows:
@@ -555,10 +663,16 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--repeats", type=int, default=10, help="timed runs on CPU (at least 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs on CPU")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="CPU timing: wall clock, or the process's CPU time (steadier for one thread on a busy machine)")
     p.add_argument("--max-seconds", type=float, default=30.0,
                    help="stop a CPU measurement's repeats after this long (3 runs at least)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement subprocess")
     p.add_argument("--decode-Lk", type=int, nargs="+", default=[4096], help="keys in decode mode")
+    p.add_argument("--decode-B", type=int, nargs="+", default=[2, 16],
+                   help="batch sizes in decode mode (16: batched decoding of 16 sequences)")
+    p.add_argument("--time-modes", nargs="+", choices=("quotient", "fields"), default=["quotient"],
+                   help="time term conventions to run (fields: the authors' per-token bar/position)")
     p.add_argument("--max-L", nargs="+", default=[], metavar="PROVIDER=L",
                    help="largest Lq to run per provider, e.g. materialized=2048")
     p.add_argument("--skip-slow", action="store_true",
@@ -570,7 +684,7 @@ def parse_args(argv=None):
     p.add_argument("--single", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.L, args.decode_Lk, args.repeats, args.warmup = [128], [256], 3, 1
+        args.L, args.decode_Lk, args.decode_B, args.repeats, args.warmup = [128], [256], [2], 3, 1
     if args.providers is None:
         args.providers = DEFAULT_PROVIDERS[args.device]
     return args
@@ -588,7 +702,8 @@ def main(argv=None) -> None:
         if name not in PROVIDERS or not value.isdigit():
             raise SystemExit(f"--max-L expects PROVIDER=L with PROVIDER in {list(PROVIDERS)}, got {item!r}")
         max_l[name] = int(value)
-    meta = {**versions(), "device": device_name(args.device)}
+    meta = {**versions(), "device": device_name(args.device), "threads": torch.get_num_threads(),
+            "load1": f"{os.getloadavg()[0]:.1f}"}
     print(f"{OP}: {meta['device']}, torch {meta['torch']}, triton {meta['triton'] or '-'}, "
           f"commit {meta['commit'] or '-'}; B={args.B} H={args.H} D={args.D} {args.dtype}, "
           f"causal, hadamard, index+time+pitch, alpha={OPTIONS['alpha']}")
@@ -611,18 +726,20 @@ def main(argv=None) -> None:
         if why is None:
             usable.append(provider)
 
-    shapes = [(m, L, L) for m in args.modes if m != "decode" for L in args.L]
-    shapes += [("decode", 1, Lk) for Lk in args.decode_Lk] if "decode" in args.modes else []
+    shapes = [(m, L, L, args.B, tm) for tm in args.time_modes for m in args.modes if m != "decode"
+              for L in args.L]
+    shapes += [("decode", 1, Lk, B, tm) for tm in args.time_modes for B in args.decode_B
+               for Lk in args.decode_Lk] if "decode" in args.modes else []
     in_process = args.in_process or args.device == "cuda"
     results, written = [], 0
-    for mode, Lq, Lk in shapes:
+    for mode, Lq, Lk, B, time_mode in shapes:
         for provider in usable:
-            cfg = Config(provider, mode, Lq=Lq, Lk=Lk, **base)
+            cfg = Config(provider, mode, Lq=Lq, Lk=Lk, time_mode=time_mode, **{**base, "B": B})
             if provider in max_l and Lq > max_l[provider]:
                 res = {"skip": f"Lq={Lq} > max L {max_l[provider]} for {provider}"}
             elif in_process:
                 try:
-                    res = measure(cfg, args.repeats, args.warmup, args.max_seconds)
+                    res = measure(cfg, args.repeats, args.warmup, args.max_seconds, args.clock)
                 except torch.cuda.OutOfMemoryError:
                     res = {"skip": "out of memory"}
                 finally:
@@ -632,16 +749,16 @@ def main(argv=None) -> None:
             else:
                 res = measure_in_subprocess(cfg, args)
             status = res["skip"] if "skip" in res else f"{res['ms']:.3f} ms, {res['peak_mem_mb']:.1f} MB"
-            print(f"  {mode:<8}{provider:<13}Lq={Lq:<6}Lk={Lk:<6}{status}", flush=True)
+            print(f"  {mode:<8}{time_mode:<9}{provider:<13}B={B:<3}Lq={Lq:<6}Lk={Lk:<6}{status}", flush=True)
             results.append((cfg, res))
             if "ms" in res:
                 date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                 append_rows(args.out, [{
-                    "op": OP, "provider": provider, "mode": mode, "B": cfg.B, "H": cfg.H,
-                    "Lq": Lq, "Lk": Lk, "D": cfg.D, "dtype": cfg.dtype, "ms": f"{res['ms']:.4f}",
+                    "op": OP, "provider": provider, "mode": mode, "time_mode": time_mode, "B": cfg.B,
+                    "H": cfg.H, "Lq": Lq, "Lk": Lk, "D": cfg.D, "dtype": cfg.dtype, "ms": f"{res['ms']:.4f}",
                     "peak_mem_mb": f"{res['peak_mem_mb']:.1f}", "device": meta["device"],
-                    "torch": meta["torch"], "triton": meta["triton"], "commit": meta["commit"],
-                    "date": date}])
+                    "threads": meta["threads"], "load1": meta["load1"], "clock": args.clock, "torch": meta["torch"],
+                    "triton": meta["triton"], "commit": meta["commit"], "date": date}])
                 written += 1
     print_table(results)
     print(f"\n{written} rows appended to {args.out}")

@@ -24,7 +24,8 @@ def latest_rows(path: Path, device: str | None, metric: str):
     device = device or max(rows, key=lambda r: r["date"])["device"]
     latest = {}
     for r in sorted((r for r in rows if r["device"] == device), key=lambda r: r["date"]):
-        key = (r["op"], r["mode"], r["provider"], r["B"], r["H"], r["Lq"], r["Lk"], r["D"], r["dtype"])
+        key = (r["op"], r["mode"], r.get("time_mode") or "quotient", r.get("clock") or "wall", r["provider"],
+               r["B"], r["H"], r["Lq"], r["Lk"], r["D"], r["dtype"])
         latest[key] = r
     return device, list(latest.values())
 
@@ -49,8 +50,9 @@ def main(argv=None) -> None:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
     groups = {}
     for r in rows:
-        groups.setdefault((r["op"], r["mode"], r["dtype"]), []).append(r)
-    for (op, mode, dtype), rs in sorted(groups.items()):
+        groups.setdefault((r["op"], r["mode"], r.get("time_mode") or "quotient", r.get("clock") or "wall",
+                           r["dtype"]), []).append(r)
+    for (op, mode, time_mode, clock, dtype), rs in sorted(groups.items()):
         shapes = sorted({(int(r["B"]), int(r["H"]), int(r["Lq"]), int(r["Lk"]), int(r["D"])) for r in rs},
                         key=lambda s: (s[3], s[2]))
         providers = sorted({r["provider"] for r in rs})
@@ -64,14 +66,14 @@ def main(argv=None) -> None:
             xs = [i + offset for i, s in enumerate(shapes) if (prov, s) in value]
             ys = [value[(prov, s)] for s in shapes if (prov, s) in value]
             ax.bar(xs, ys, width, label=prov)
-        ax.set_xticks(range(len(shapes)), [f"Lq={s[2]}\nLk={s[3]}" for s in shapes])
+        ax.set_xticks(range(len(shapes)), [f"B={s[0]}\nLq={s[2]}\nLk={s[3]}" for s in shapes])
         ax.set_yscale("log")
         ax.set_ylabel({"ms": "time (ms, median)", "peak_mem_mb": "peak memory (MB)"}[args.metric])
-        B, H, _, _, D = shapes[0]
-        ax.set_title(f"{op} {mode}, B={B} H={H} D={D} {dtype}\n{device}", fontsize=9)
+        _, H, _, _, D = shapes[0]
+        ax.set_title(f"{op} {mode} ({time_mode}, {clock} clock), H={H} D={D} {dtype}\n{device}", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        out = out_dir / f"{op}_{mode}_{args.metric}_{slug}.png"
+        out = out_dir / f"{op}_{mode}_{time_mode}_{clock}_{args.metric}_{slug}.png"
         fig.savefig(out, dpi=120)
         plt.close(fig)
         print(f"wrote {out}")

@@ -201,6 +201,12 @@ def run_raw(c: dict) -> dict:
         grad, q, k, v, out, lse, *args))
     if (op_err is None) != (bwd_err is None):
         return dict(kind="forward_backward_disagree", ok=False, py=py_err, op=op_err or bwd_err, err=0.0)
+    dec, dec_err = None, None
+    if c["dropout_p"] == 0.0:  # the decoding op takes the forward's arguments (table transposed), no dropout
+        dec, dec_err = _attempt(lambda: torch.ops.fastattn.circular_relative_attention_decode(
+            q, k, v, table.transpose(1, 2).contiguous(), coords, c["terms"], c["alpha"], c["scale"], c["causal"], kpm))
+        if (op_err is None) != (dec_err is None):
+            return dict(kind="forward_decode_disagree", ok=False, py=py_err, op=op_err or dec_err, err=0.0)
     errors = []
     if py_err is None and op_err is None:
         leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
@@ -209,6 +215,8 @@ def run_raw(c: dict) -> dict:
         wants = [torch.zeros_like(x) if w is None else w for x, w in zip(leaves, wants)]
         scale = max(1.0, float(table.abs().max()) if table.numel() else 1.0)
         errors = [_close(out, want.detach(), dt)] + [_close(a, b, dt, scale * Lk) for a, b in zip(bwd, wants)]
+        if dec is not None:
+            errors.append(_close(dec, want.detach(), dt))
     return _verdict(py_err, op_err, errors)
 
 

@@ -45,7 +45,6 @@ def _xfail(reason):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-H18_CPP = _xfail("h18 fixes the cpp kernel (csrc/cpu/circular_relative_attention.cpp)")
 
 
 # ----------------------------------------------------------------------------- integer arguments
@@ -140,7 +139,7 @@ def _emu_attention():
 
 def _nan_params():
     marks = {"cpp": [needs_cpp], "triton": [needs_triton], "cuda_emu": [_needs_emu("circular_relative_attention")]}
-    xfails = {("cpp", c): H18_CPP for c in NAN_CASES}
+    xfails: dict = {}  # none left: cpp (h18), Triton and CUDA (h15) propagate NaN
     return [pytest.param(b, c, marks=marks[b] + ([xfails[(b, c)]] if (b, c) in xfails else []), id=f"{b}-{c}")
             for b in marks for c in NAN_CASES]
 

@@ -70,26 +70,34 @@ inline CraTerm cra_check_term(const int64_t* s, int t, int C, int N, int Lk) {
 }
 
 // Coordinate values of CPU tensors are checked here (one min/max pass over the [B, C, Lk]
-// contiguous ints: no allocation, small next to attention). CUDA coordinates are not read back
-// (that would cost a device sync per call): there an out-of-range value cannot index out of
-// bounds (every row is clamped) but its differences may wrap; the Python layer checks them.
+// ints, which may be strided over B and C with dense rows (a KV cache's channels): no
+// allocation, small next to attention). CUDA coordinates are not read back (that would cost a
+// device sync per call): there an out-of-range value cannot index out of bounds (every row is
+// clamped) but its differences may wrap; the Python layer checks them.
 inline void cra_check_coord_values(const at::Tensor& coords) {
   if (!coords.device().is_cpu() || coords.numel() == 0) return;
-  const int32_t* c = coords.data_ptr<int32_t>();
-  int32_t lo = c[0], hi = c[0];
-  for (int64_t i = 1; i < coords.numel(); ++i) {
-    lo = std::min(lo, c[i]);
-    hi = std::max(hi, c[i]);
-  }
+  TORCH_INTERNAL_ASSERT(coords.dim() == 3 && (coords.stride(2) == 1 || coords.size(2) == 1));
+  const int32_t* base = coords.data_ptr<int32_t>();
+  int32_t lo = base[0], hi = base[0];
+  for (int64_t b = 0; b < coords.size(0); ++b)
+    for (int64_t c = 0; c < coords.size(1); ++c) {
+      const int32_t* row = base + b * coords.stride(0) + c * coords.stride(1);
+      for (int64_t j = 0; j < coords.size(2); ++j) {
+        lo = std::min(lo, row[j]);
+        hi = std::max(hi, row[j]);
+      }
+    }
   TORCH_CHECK(lo >= -CRA_SHIFT_MAX && hi <= CRA_COORD_MAX, "coords values must be in [", -CRA_SHIFT_MAX, ", ",
               CRA_COORD_MAX, "] (negative = missing), got values in [", lo, ", ", hi, "]");
 }
 
+// ``coord_values``: the tensor whose values are checked when ``coords`` is a contiguous-shaped
+// view of strided memory (the decoding op); by default ``coords`` itself.
 inline CraProblem cra_make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& table, const at::Tensor& coords,
                                    at::IntArrayRef terms, double alpha, double scale, bool causal,
                                    const std::optional<at::Tensor>& kpm, double dropout_p,
-                                   int64_t seed) {
+                                   int64_t seed, const at::Tensor* coord_values = nullptr) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D [B, H, L, D]");
   CraProblem p;
   p.B = checked_size(q.size(0), "q: B");
@@ -130,7 +138,7 @@ inline CraProblem cra_make_problem(const at::Tensor& q, const at::Tensor& k, con
     }
   }
   TORCH_CHECK(all_rows <= kInt32Max, "terms: the rows of all terms together must fit in int32");
-  cra_check_coord_values(coords);
+  cra_check_coord_values(coord_values != nullptr ? *coord_values : coords);
   if (kpm.has_value()) {
     TORCH_CHECK(kpm->scalar_type() == at::kBool && kpm->dim() == 2 && kpm->size(0) == p.B &&
                 kpm->size(1) == p.Lk && kpm->is_contiguous(), "key_padding_mask must be contiguous bool [B, Lk]");

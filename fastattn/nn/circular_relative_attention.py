@@ -14,13 +14,14 @@ Conventions used throughout:
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from fastattn.backends import BACKENDS
-from fastattn.ops.circular_relative_attention import circular_relative_attention
+from fastattn.ops import _cra_terms
+from fastattn.ops.circular_relative_attention import cached_decode, circular_relative_attention
 
 __all__ = ["CircularRelativeAttention", "KVCache", "VARIANTS", "CONVENTIONS", "variant_kwargs",
            "sinusoidal_table"]
@@ -166,6 +167,9 @@ class KVCache:
         self._coords["key_padding_mask"] = None
         # Which coordinates the current sequence carries (decided by the first append).
         self._has: Dict[str, bool] = {}
+        # Per-token int32 channels derived from the coordinates (see derived()):
+        # key -> [buffer [B, C, capacity], tokens converted so far].
+        self._derived: Dict[object, list] = {}
         if device is not None or dtype is not None:
             self._allocate(torch.device(device) if device is not None else torch.device("cpu"),
                            dtype if dtype is not None else torch.get_default_dtype())
@@ -195,6 +199,8 @@ class KVCache:
         self._k, self._v = regrow(self._k, 2), regrow(self._v, 2)
         for name, t in self._coords.items():
             self._coords[name] = regrow(t, 1)
+        for entry in self._derived.values():
+            entry[0] = regrow(entry[0], 2)
         self._capacity = new_cap
 
     def _coord_buffer(self, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -279,12 +285,33 @@ class KVCache:
 
     def truncate(self, length: int) -> None:
         """Keep only the first ``length`` tokens (storage is kept). Used to undo an append
-        whose decoding step failed."""
+        whose decoding step failed, or a speculative step."""
         if not 0 <= length <= self._len:
-            raise ValueError(f"length must be in 0…{self._len}, got {length}")
+            raise ValueError(f"truncate: length must be in 0…{self._len}, got {length}")
         self._len = int(length)
         if self._len == 0:
             self._has = {}
+        for entry in self._derived.values():
+            entry[1] = min(entry[1], self._len)
+
+    def derived(self, key, fn: Callable[[Dict[str, Tensor], int], Tensor]) -> Tensor:
+        """Per-token int32 channels [B, C, Lk] computed by ``fn`` from the cached coordinates,
+        kept with the cache and extended as tokens are appended: each token is converted once
+        (a decoding step converts the new token, not the whole cache). ``fn(coords, n)``
+        receives name -> [B, n] for the n tokens not converted yet (every coordinate the cache
+        holds) and returns [B, C, n]; ``key`` names the conversion (one buffer per key).
+        Returns a strided view of the buffer (row stride = capacity)."""
+        entry = self._derived.get(key)
+        done = 0 if entry is None else entry[1]
+        if entry is None or done < self._len:
+            coords = {name: t[:, done:self._len] for name, t in self._coords.items()
+                      if name != "key_padding_mask" and self._has.get(name)}
+            new = fn(coords, self._len - done)
+            if entry is None:
+                entry = self._derived[key] = [new.new_empty(self.batch_size, new.shape[1], self._capacity), 0]
+            entry[0][:, :, done:self._len].copy_(new)
+            entry[1] = self._len
+        return entry[0][:, :, :self._len]
 
     def __len__(self) -> int:
         return self._len
@@ -338,13 +365,6 @@ class KVCache:
         return (f"KVCache(len={self._len}, capacity={self._capacity}, "
                 f"batch_size={self.batch_size}, num_heads={self.num_heads}, "
                 f"head_dim={self.head_dim})")
-
-
-def _same_sources(a: tuple, b: tuple) -> bool:
-    """Keys of ``relative_tables``: (dtype, inference mode, sources, versions, storages)."""
-    return (a[:2] == b[:2] and len(a[2]) == len(b[2])
-            and all(x is y for x, y in zip(a[2], b[2])) and a[3] == b[3]
-            and all(x.data_ptr() == y.data_ptr() for x, y in zip(a[4], b[4])))
 
 
 class CircularRelativeAttention(nn.Module):
@@ -582,33 +602,27 @@ class CircularRelativeAttention(nn.Module):
         docstring), then cast to ``dtype`` (a no-op when it already matches). Shapes [N, D] or
         [H, N, D].
 
-        When no gradient is needed (decoding) the result is kept and handed out again until a
-        table or map changes (in place, e.g. an optimizer step, or replaced), so a decoding
-        step neither recomputes the maps nor makes the op re-assemble its table."""
+        When no gradient is needed (decoding) the result is kept and handed out again while
+        the tables and maps hold the same values (compared by content, so in-place updates,
+        optimizer steps, ``.data`` writes and replacements are all noticed), so a decoding step
+        neither recomputes the maps nor makes the op re-assemble its table."""
         sources = [getattr(self, n) for n in self._table_names]
         sources += [m.weight for m in self.table_maps.values()]
-        reuse = not (torch.compiler.is_compiling() or any(t.is_inference() for t in sources)
-                     or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)))
-        if reuse:
-            # A source is unchanged while it is the same tensor, at the same version (in-place
-            # updates), over the same storage (``.to()`` swaps ``.data``); the entry holds the
-            # old storages, so their addresses cannot be reused meanwhile.
-            key = (dtype, torch.is_inference_mode_enabled(), sources,
-                   [t._version for t in sources], [t.detach() for t in sources])
-            kept = self.__dict__.get("_tables_kept")
-            if kept is not None and _same_sources(kept[0], key):
-                return dict(kept[1])
-        out = {}
-        for name in self._table_names:
-            t = getattr(self, name)
-            if name in self.table_maps:
-                t = self.table_maps[name](t)
-            if self.difference == "key_minus_query" and name in _REVERSED_IN_KEY_ORDER:
-                t = t.flip(-2)
-            out[name] = t if dtype is None else t.to(dtype)
-        if reuse:
-            self.__dict__["_tables_kept"] = (key, out)
-        return dict(out)
+
+        def build() -> Dict[str, Tensor]:
+            out = {}
+            for name in self._table_names:
+                t = getattr(self, name)
+                if name in self.table_maps:
+                    t = self.table_maps[name](t)
+                if self.difference == "key_minus_query" and name in _REVERSED_IN_KEY_ORDER:
+                    t = t.flip(-2)
+                out[name] = t if dtype is None else t.to(dtype)
+            return out
+
+        key = ("nn.CircularRelativeAttention.relative_tables", dtype, torch.is_inference_mode_enabled(),
+               self.difference, tuple(self._table_names), tuple(self.table_maps.keys()))
+        return dict(_cra_terms.cached(key, sources, build))
 
     def op_arguments(self, onset: Optional[Tensor] = None, pitch: Optional[Tensor] = None,
                      bar: Optional[Tensor] = None, position: Optional[Tensor] = None,
@@ -618,19 +632,29 @@ class CircularRelativeAttention(nn.Module):
         reads them (fields → onset for the direct time table; pitches mirrored for
         key_minus_query), the table offsets, ``combine`` and ``alpha``."""
         kw = self.relative_tables(dtype)
-        if self.rel_time and self.time_mode == "fields":
-            if self.decompose:
-                kw.update(time_mode="fields", bar=bar, position=position)
-                onset = None
-            else:
-                onset = fields_onset(bar, position, self.bar_res)
-        if self.rel_pitch and self.difference == "key_minus_query" and pitch is not None:
-            pitch = mirror_pitch(pitch)
-        kw.update(onset=onset if self.rel_time else None, pitch=pitch if self.rel_pitch else None,
-                  bar_res=self.bar_res, bar_min=BAR_MIN, octave_min=OCTAVE_MIN,
+        if self.rel_time and self.time_mode == "fields" and self.decompose:
+            kw.update(time_mode="fields")
+        kw.update(self._op_coordinates(onset=onset, pitch=pitch, bar=bar, position=position))
+        kw.update(bar_res=self.bar_res, bar_min=BAR_MIN, octave_min=OCTAVE_MIN,
                   rel_index_min=REL_INDEX_MIN, time_min=TIME_MIN, pitch_min=PITCH_MIN,
                   combine=self.combine, alpha=self.alpha)
         return kw
+
+    def _op_coordinates(self, onset: Optional[Tensor] = None, pitch: Optional[Tensor] = None,
+                        bar: Optional[Tensor] = None, position: Optional[Tensor] = None) -> dict:
+        """The coordinates [B, L] as the op reads them (onset, pitch, bar, position; None where
+        no term reads one). Per token, so a decoding step converts only its new tokens."""
+        if self.rel_time and self.time_mode == "fields":
+            if self.decompose:
+                onset = None
+            else:
+                onset, bar, position = fields_onset(bar, position, self.bar_res), None, None
+        else:
+            bar = position = None
+        if self.rel_pitch and self.difference == "key_minus_query" and pitch is not None:
+            pitch = mirror_pitch(pitch)
+        return dict(onset=onset if self.rel_time else None, pitch=pitch if self.rel_pitch else None,
+                    bar=bar if self.rel_time else None, position=position if self.rel_time else None)
 
     def _coordinate(self, name: str, t: Optional[Tensor], B: int, L: int) -> Optional[Tensor]:
         if name not in self.coordinate_names:
@@ -680,6 +704,7 @@ class CircularRelativeAttention(nn.Module):
         coords = {n: self._coordinate(n, given[n], B, L) for n in COORDINATES}
 
         H, D = self.num_heads, self.head_dim
+        out = None
         # [B, L, 3E] -> three [B, H, L, D] views.
         q, k, v = self.in_proj(x).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         n_before = None
@@ -687,25 +712,46 @@ class CircularRelativeAttention(nn.Module):
             if kv_cache.batch_size != B or kv_cache.num_heads != H or kv_cache.head_dim != D:
                 raise ValueError(f"kv_cache is for B={kv_cache.batch_size}, H={kv_cache.num_heads},"
                                  f" D={kv_cache.head_dim}; this call has B={B}, H={H}, D={D}")
-            n_before = len(kv_cache)
+            n_before, new_coords, new_mask = len(kv_cache), coords, key_padding_mask
             kv_cache.append(k, v, key_padding_mask=key_padding_mask, **coords)
             k, v = kv_cache.k, kv_cache.v
             coords = {n: getattr(kv_cache, n) for n in COORDINATES}
             key_padding_mask = kv_cache.key_padding_mask
         try:
-            if key_padding_mask is not None:
-                # The cache hands out strided views; give the op a dense mask (kernels read it flat).
-                key_padding_mask = key_padding_mask.contiguous()
-            out = circular_relative_attention(
-                q, k, v, **self.op_arguments(**coords, dtype=q.dtype), causal=self.causal,
-                key_padding_mask=key_padding_mask,
-                dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+            if kv_cache is not None:
+                out = self._decode_step(q, new_coords, new_mask, kv_cache)
+            if out is None:
+                if key_padding_mask is not None:
+                    # The cache hands out strided views; give the op a dense mask (kernels read it flat).
+                    key_padding_mask = key_padding_mask.contiguous()
+                out = circular_relative_attention(
+                    q, k, v, **self.op_arguments(**coords, dtype=q.dtype), causal=self.causal,
+                    key_padding_mask=key_padding_mask,
+                    dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         except BaseException:
             if n_before is not None:  # a rejected step must not leave its tokens in the cache
                 kv_cache.truncate(n_before)
             raise
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))  # [B, L, E]
         return out if self.batch_first else out.transpose(0, 1)
+
+    def _decode_step(self, q: Tensor, coords: Dict[str, Optional[Tensor]],
+                     key_padding_mask: Optional[Tensor], kv_cache: KVCache) -> Optional[Tensor]:
+        """Attention of the new tokens' q [B, H, L, D] (coordinates ``coords``, name -> [B, L])
+        over ``kv_cache`` (already appended to) by the cpp decoding path
+        (``ops.circular_relative_attention.cached_decode``), or None where it does not apply.
+        ``relative_tables`` keeps the mapped tables while the parameters are unchanged, so a
+        step computes no map; the cache keeps each token's op coordinates."""
+        if self.training and self.dropout > 0:
+            return None
+        kw = {**dict.fromkeys(_cra_terms.TABLE_ARGS), **self.op_arguments(**coords, dtype=q.dtype)}
+        new = {n: kw.pop(n) for n in _cra_terms.COORD_ARGS}
+        convert = (self.__class__._op_coordinates, self.rel_time, self.rel_pitch, self.time_mode,
+                   self.difference, self.decompose, self.bar_res)
+        return cached_decode(q, kv_cache, new, kw, combine=kw.pop("combine"),
+                             time_mode=kw.pop("time_mode", "quotient"), alpha=kw.pop("alpha"),
+                             causal=self.causal, key_padding_mask=key_padding_mask, backend=self.backend,
+                             op_coordinates=(convert, lambda c: self._op_coordinates(**c)))
 
     def extra_repr(self) -> str:
         terms = [n for n, on in (("index", self.rel_index), ("time", self.rel_time),

@@ -10,11 +10,14 @@ the factors. The layout must match ``csrc/include/cra_common.h``.
 """
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Callable, List, NamedTuple
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+from fastattn import _ext
 
 # Term kinds (cra_common.h: CRA_KIND_*).
 KIND_INDEX, KIND_DIRECT, KIND_QUOTIENT, KIND_FIELDS = 0, 1, 2, 3
@@ -130,8 +133,7 @@ def validate(q, k, v, onset, pitch, kw: dict, key_padding_mask, combine, time_mo
         "bar": fields, "position": fields,
     }
     coords = {"onset": onset, "pitch": pitch, "bar": kw["bar"], "position": kw["position"]}
-    limits = {"onset": (-1, COORD_MAX), "pitch": (-1, 127), "bar": (-1, COORD_MAX),
-              "position": (-1, kw["bar_res"] - 1)}
+    limits = coordinate_limits(kw["bar_res"])
     ranges = []  # (name, t, lo, hi): read back together, one device sync for all of them
     for name, t in coords.items():
         if t is None:
@@ -192,116 +194,301 @@ def _outer(a: Tensor, b: Tensor, combine: str) -> Tensor:
     return x.flatten(-3, -2)
 
 
-# Assembled tables of recent calls that need no gradient (decoding: the same tables at every
-# step), keyed by the source tables' identities and versions; the entries hold the sources, so an
-# id cannot be reused while cached, and an in-place update (optimizer step) bumps the version.
-_TABLE_CACHE: List[tuple] = []  # (key, table), most recent last
-_TABLE_CACHE_SIZE = 4
+# ---------------------------------------------------------------------------------- layout
+# The structure of the kernels' inputs depends only on which tables are given (and their row
+# counts), the options, and (with ``shrink``) a few statistics of the coordinates; the values
+# of the coordinate channels are per token. So a decoding step can reuse the table and convert
+# only the new tokens' coordinates (``token_channels``).
+
+class Channel(NamedTuple):
+    """One int32 coordinate channel: from coordinate ``coord`` ("onset", "pitch", "bar",
+    "position"), ``c // period`` ("div"), ``(c mod period) // step`` ("mod") or ``c // step``
+    ("id"); -1 (missing) stays -1."""
+    coord: str
+    op: str
+    period: int = 1
+    step: int = 1
 
 
-def _table_key(kw: dict, combine: str, time_mode: str, H: int):
-    tables = [kw[n] for n in TABLE_ARGS if kw[n] is not None]
-    if not tables:  # the empty table takes q's dtype, device and D, which the key does not hold
+class Layout(NamedTuple):
+    terms: List[int]           # TERM_INTS per term
+    channels: List[Channel]    # coords[:, c] is channels[c] of every token
+    blocks: List[tuple]        # table blocks in row order: ("table", name, rows) or ("outer", hi, lo)
+    key: tuple                 # everything besides the source tables that the table depends on
+    names: List[str]           # the source tables' argument names
+    kw: dict                   # the op's table/option arguments the layout was made for
+
+    @property
+    def sources(self) -> List[Tensor]:
+        return [self.kw[n] for n in self.names]
+
+
+def _channel_values(ch: Channel, c: Tensor) -> Tensor:
+    missing = c < 0
+    if ch.op == "div":
+        x = torch.div(c, ch.period, rounding_mode="floor")
+    elif ch.op == "mod":
+        x = torch.remainder(c, ch.period)
+        x = x if ch.step == 1 else torch.div(x, ch.step, rounding_mode="floor")
+    else:
+        x = c if ch.step == 1 else torch.div(c, ch.step, rounding_mode="floor")
+    return torch.where(missing, -1, x).to(torch.int32)
+
+
+_OPS = {"id": 0, "div": 1, "mod": 2}
+
+
+def coordinate_limits(bar_res: int) -> Dict[str, tuple]:
+    """Allowed values of each coordinate (the same as ``validate`` enforces)."""
+    return {"onset": (-1, COORD_MAX), "pitch": (-1, 127), "bar": (-1, COORD_MAX), "position": (-1, bar_res - 1)}
+
+
+def token_channels(layout: Layout, coords: Dict[str, Tensor], B: int, L: int, device,
+                   limits: Optional[Dict[str, tuple]] = None) -> Tensor:
+    """int32 [B, C, L]: the layout's channels for tokens whose coordinates are ``coords``
+    (name -> [B, L]); works on any range of tokens (each channel is per token). With ``limits``
+    (name -> (lo, hi)) the coordinates read are checked to lie in range (ValueError)."""
+    if not layout.channels:
+        return torch.zeros(B, 0, L, dtype=torch.int32, device=device)
+    names = list(dict.fromkeys(ch.coord for ch in layout.channels))
+    lims = [limits[n] if limits else (-2**62, 2**62) for n in names]
+    if torch.device(device).type == "cpu" and _ext.extension() is not None and not torch.compiler.is_compiling():
+        spec = [x for ch in layout.channels for x in (names.index(ch.coord), _OPS[ch.op], ch.period, ch.step)]
+        return torch.ops.fastattn.coordinate_channels([coords[n] for n in names], spec, B, L, [lo for lo, _ in lims],
+                                                      [hi for _, hi in lims], names)
+    if limits and L > 0:
+        for n, (lo, hi) in zip(names, lims):
+            t_min, t_max = torch.aminmax(coords[n])
+            if t_min < lo:
+                raise ValueError(f"{n} has values below {lo} (-1 marks a missing value)")
+            if t_max > hi:
+                raise ValueError(f"{n} has values above {hi}")
+    return torch.stack([_channel_values(ch, coords[ch.coord]) for ch in layout.channels], dim=1).contiguous()
+
+
+def _present_range(c: Tensor):
+    """(min, max) of the non-missing values of an integer tensor, or None when all are missing."""
+    present = c[c >= 0]
+    if present.numel() == 0:
         return None
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tables)):
-        return None
-    if any(t.is_inference() for t in tables):  # no version counter (made under inference_mode)
-        return None
-    return (combine, time_mode, H) + tuple((t, t._version) for t in tables)
+    lo, hi = torch.aminmax(present)
+    return int(lo), int(hi)
 
 
-def _same_key(a: tuple, b: tuple) -> bool:
-    return a[:3] == b[:3] and len(a) == len(b) and all(
-        x is y and vx == vy for (x, vx), (y, vy) in zip(a[3:], b[3:]))
+def _common_step(c: Tensor, period: int) -> int:
+    """The largest step g dividing ``period`` and every non-missing value of ``c`` mod period."""
+    present = torch.remainder(c[c >= 0], period)
+    if present.numel() == 0:
+        return period
+    values = torch.bincount(present.flatten(), minlength=period).nonzero().flatten().tolist()
+    return math.gcd(period, *values)
 
 
-def _cached_table(key, build) -> Tensor:
-    if key is None:
-        return build()
-    for i, (k, table) in enumerate(_TABLE_CACHE):
-        if _same_key(k, key):
-            _TABLE_CACHE.append(_TABLE_CACHE.pop(i))
-            return table
-    table = build()
-    _TABLE_CACHE.append((key, table))
-    del _TABLE_CACHE[:-_TABLE_CACHE_SIZE]
-    return table
+_INT_OPTIONS = ("bar_res", "bar_min", "octave_min", "rel_index_min", "time_min", "pitch_min")
+_LAYOUTS: Dict[tuple, Layout] = {}  # layouts without shrinking, by table shapes and options
 
 
-def assemble(q: Tensor, Lk: int, onset, pitch, kw: dict, combine: str, time_mode: str) -> Assembled:
-    """Build the concatenated table, coordinate channels and term integers for the kernels.
-    The table is reused across calls with the same tables when no gradient is needed."""
-    B, H, _, D = q.shape
-    blocks: List[Callable[[], Tensor]] = []
+def layout(kw: dict, combine: str, time_mode: str, H: int, coords: Optional[Dict[str, Tensor]] = None) -> Layout:
+    """The term layout for the op's table/option arguments ``kw``.
+
+    With ``coords`` (name -> [B, Lk] of every token), decomposed terms are shrunk to the rows
+    these coordinates can reach: the hi factor to the range of its clamped differences, and the
+    lo factor to every g-th row when all lo values share a step g (onsets on a 6-tick grid use
+    8 of 48 positions). Exact: every pair reads the same row values as without shrinking.
+    Without ``coords`` the layout depends only on the tables' shapes and the options, and is
+    remembered (a decoding step then builds none).
+    """
+    memo = None
+    if coords is None:
+        memo = (combine, time_mode, H) + tuple(kw[n] for n in _INT_OPTIONS) + tuple(
+            (n, tuple(kw[n].shape)) for n in TABLE_ARGS if kw[n] is not None)
+        hit = _LAYOUTS.get(memo)
+        if hit is not None:
+            return hit._replace(kw=kw)
+    blocks: List[tuple] = []
     terms: List[int] = []
-    channels: List[Tensor] = []
+    channels: List[Channel] = []
+    names: List[str] = []
+    key: list = [combine, time_mode, H]
     rows = 0
 
-    def channel(t: Tensor) -> int:
-        channels.append(t.to(torch.int32))
+    def channel(ch: Channel) -> int:
+        channels.append(ch)
         return len(channels) - 1
 
-    def add(block: Callable[[], Tensor], n_rows: int, kind, part=PART_COMBINED, ch_hi=-1, ch_lo=-1,
-            param=0, hi_min=0, n_hi=0, n_lo=1):
+    def add(block: tuple, n_rows: int, kind, part=PART_COMBINED, ch_hi=-1, ch_lo=-1, param=0, hi_min=0,
+            n_hi=0, n_lo=1):
         nonlocal rows
         terms.extend([kind, part, ch_hi, ch_lo, param, hi_min, n_hi, n_lo, rows])
         blocks.append(block)
         rows += n_rows
 
-    def table_block(t: Tensor) -> Callable[[], Tensor]:
-        return lambda: t
+    def table(name: str, rows_slice: Optional[slice] = None) -> tuple:
+        names.append(name)
+        sl = None if rows_slice is None else (rows_slice.start, rows_slice.stop, rows_slice.step)
+        key.append(sl)
+        return ("table", name, sl)
 
-    def decomposed(kind, t_hi, t_lo, ch_hi, ch_lo, param, hi_min):
-        n_hi, n_lo = t_hi.shape[-2], t_lo.shape[-2]
-        common = dict(ch_hi=ch_hi, ch_lo=ch_lo, param=param, hi_min=hi_min, n_hi=n_hi, n_lo=n_lo)
+    def decomposed(kind, n_hi_name, n_lo_name, hi: Channel, lo: Channel, param, hi_min):
+        n_hi, n_lo = kw[n_hi_name].shape[-2], kw[n_lo_name].shape[-2]
+        hi_rows, lo_rows = slice(0, n_hi), slice(0, n_lo)
+        if coords is not None:
+            hi_rows, lo_rows, lo, param, hi_min = _shrink(kind, coords, hi, lo, n_hi, n_lo, param, hi_min)
+        b_hi, b_lo = table(n_hi_name, hi_rows), table(n_lo_name, lo_rows)
+        n_hi, n_lo = len(range(n_hi)[hi_rows]), len(range(n_lo)[lo_rows])
+        common = dict(ch_hi=channel(hi), ch_lo=channel(lo), param=param, hi_min=hi_min, n_hi=n_hi, n_lo=n_lo)
         if combine == "hadamard":
-            add(lambda: _outer(t_hi, t_lo, combine), n_hi * n_lo, kind, PART_COMBINED, **common)
+            add(("outer", b_hi, b_lo), n_hi * n_lo, kind, PART_COMBINED, **common)
         else:  # the sum splits into two gathers from much smaller blocks
-            add(table_block(t_hi), n_hi, kind, PART_HI, **common)
-            add(table_block(t_lo), n_lo, kind, PART_LO, **common)
+            add(b_hi, n_hi, kind, PART_HI, **common)
+            add(b_lo, n_lo, kind, PART_LO, **common)
 
     if kw["rel_index_table"] is not None:
-        t = kw["rel_index_table"]
-        add(table_block(t), t.shape[-2], KIND_INDEX, hi_min=kw["rel_index_min"], n_hi=t.shape[-2])
+        n = kw["rel_index_table"].shape[-2]
+        add(table("rel_index_table"), n, KIND_INDEX, hi_min=kw["rel_index_min"], n_hi=n)
     if kw["bar_table"] is not None:
         R = kw["bar_res"]
         if time_mode == "fields":
-            decomposed(KIND_FIELDS, kw["bar_table"], kw["pos_table"], channel(kw["bar"]),
-                       channel(kw["position"]), R - 1, kw["bar_min"])
+            decomposed(KIND_FIELDS, "bar_table", "pos_table", Channel("bar", "id"), Channel("position", "id"),
+                       R - 1, kw["bar_min"])
         else:
-            missing = onset < 0
-            hi = torch.where(missing, -1, torch.div(onset, R, rounding_mode="floor"))
-            lo = torch.where(missing, -1, torch.remainder(onset, R))
-            decomposed(KIND_QUOTIENT, kw["bar_table"], kw["pos_table"], channel(hi), channel(lo),
-                       R, kw["bar_min"])
+            decomposed(KIND_QUOTIENT, "bar_table", "pos_table", Channel("onset", "div", R),
+                       Channel("onset", "mod", R), R, kw["bar_min"])
     if kw["time_table"] is not None:
-        t = kw["time_table"]
-        add(table_block(t), t.shape[-2], KIND_DIRECT, ch_hi=channel(onset), hi_min=kw["time_min"],
-            n_hi=t.shape[-2])
+        n = kw["time_table"].shape[-2]
+        add(table("time_table"), n, KIND_DIRECT, ch_hi=channel(Channel("onset", "id")), hi_min=kw["time_min"],
+            n_hi=n)
     if kw["octave_table"] is not None:
-        missing = pitch < 0
-        hi = torch.where(missing, -1, torch.div(pitch, 12, rounding_mode="floor"))
-        lo = torch.where(missing, -1, torch.remainder(pitch, 12))
-        decomposed(KIND_QUOTIENT, kw["octave_table"], kw["pitch_class_table"], channel(hi),
-                   channel(lo), 12, kw["octave_min"])
+        decomposed(KIND_QUOTIENT, "octave_table", "pitch_class_table", Channel("pitch", "div", 12),
+                   Channel("pitch", "mod", 12), 12, kw["octave_min"])
     if kw["pitch_table"] is not None:
-        t = kw["pitch_table"]
-        add(table_block(t), t.shape[-2], KIND_DIRECT, ch_hi=channel(pitch), hi_min=kw["pitch_min"],
-            n_hi=t.shape[-2])
+        n = kw["pitch_table"].shape[-2]
+        add(table("pitch_table"), n, KIND_DIRECT, ch_hi=channel(Channel("pitch", "id")), hi_min=kw["pitch_min"],
+            n_hi=n)
+    lay = Layout(terms, channels, blocks, tuple(key) + (tuple(terms),), names, kw)
+    if memo is not None:
+        if len(_LAYOUTS) > 256:
+            _LAYOUTS.clear()
+        _LAYOUTS[memo] = lay._replace(kw={})
+    return lay
 
-    def build() -> Tensor:
-        parts = [make() for make in blocks]
-        if not parts:
-            return q.new_zeros(1, 0, D)
-        if any(b.dim() == 3 for b in parts):
-            parts = [b if b.dim() == 3 else b.unsqueeze(0).expand(H, -1, -1) for b in parts]
-        else:
-            parts = [b.unsqueeze(0) for b in parts]
-        return torch.cat(parts, dim=1).contiguous()
 
-    table = _cached_table(_table_key(kw, combine, time_mode, H), build)
-    if channels:
-        coords = torch.stack(channels, dim=1).contiguous()
+def _shrink(kind, coords, hi: Channel, lo: Channel, n_hi, n_lo, param, hi_min):
+    """Row slices of the two factors (and the adjusted lo channel, param and hi_min) that serve
+    every pair of these coordinates; see ``layout``."""
+    hi_vals = _channel_values(hi, coords[hi.coord])
+    hi_rows = slice(0, n_hi)
+    r = _present_range(hi_vals)
+    if r is not None:  # Δhi over all pairs lies in [min - max - 1, max - min] (1: the borrow)
+        lo_d = r[0] - r[1] - (1 if kind == KIND_QUOTIENT else 0)
+        first = min(max(lo_d - hi_min, 0), n_hi - 1)
+        last = min(max(r[1] - r[0] - hi_min, 0), n_hi - 1)
+        hi_rows, hi_min = slice(first, last + 1), hi_min + first
+    lo_rows = slice(0, n_lo)
+    if kind == KIND_QUOTIENT:
+        R = lo.period  # lo = c mod R; R rows
+        g = _common_step(coords[lo.coord], R)
+        if g > 1:
+            lo, param, lo_rows = lo._replace(step=g), R // g, slice(0, R, g)
+    else:  # FIELDS: row Δpos + param over positions 0 .. param (validated), 2·param + 1 rows
+        g = _common_step(coords[lo.coord], param + 1) if n_lo == 2 * param + 1 else 1
+        if g > 1:  # rows g·k + (param mod g): Δpos' + param // g
+            lo, lo_rows, param = lo._replace(step=g), slice(param % g, n_lo, g), param // g
+    return hi_rows, lo_rows, lo, param, hi_min
+
+
+# --------------------------------------------------------------------------- table cache
+# Assembled tables of recent calls that need no gradient (decoding: the same tables at every
+# step). An entry is valid while its source tables hold the same bytes: compared with a snapshot
+# on every use, because a write through ``.data`` (or into a tensor made in inference mode)
+# leaves the version counter alone. The comparison is one memcmp of the sources (CPU), far
+# cheaper than rebuilding and transposing the table.
+
+class _Entry(NamedTuple):
+    key: tuple
+    snapshots: List[Tensor]
+    value: dict  # "table" [Ht, N, D]; "table_t" [Ht, D, N] added on first use
+
+
+_TABLE_CACHE: List[_Entry] = []  # most recent last
+_TABLE_CACHE_SIZE = 32
+
+
+def same_content(a: List[Tensor], b: List[Tensor]) -> bool:
+    """Whether each pair holds the same values (bitwise for CPU tensors: NaN equals NaN)."""
+    if len(a) != len(b):
+        return False
+    if all(x.device.type == "cpu" for x in a) and _ext.extension() is not None:
+        return bool(torch.ops.fastattn.same_bytes(a, b))
+    return all(x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def cacheable(sources: List[Tensor]) -> bool:
+    """Results built from ``sources`` may be cached: no gradient will flow, not compiling."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
+
+
+def cached(key: tuple, sources: List[Tensor], build: Callable[[], dict]) -> dict:
+    """``build()`` (a dict of tensors), reused while ``key`` and the contents of ``sources`` are
+    unchanged; built afresh when gradients are needed."""
+    if not cacheable(sources):
+        return build()
+    key = key + tuple((tuple(t.shape), t.dtype, t.device) for t in sources)
+    for i, e in enumerate(_TABLE_CACHE):
+        if e.key == key and same_content(sources, e.snapshots):
+            _TABLE_CACHE.append(_TABLE_CACHE.pop(i))
+            return e.value
+    value = build()
+    with torch.inference_mode(False), torch.no_grad():
+        snapshots = [t.detach().clone().contiguous() for t in sources]
+    _TABLE_CACHE.append(_Entry(key, snapshots, value))
+    del _TABLE_CACHE[:-_TABLE_CACHE_SIZE]
+    return value
+
+
+def _block(lay: Layout, block: tuple, combine: str) -> Tensor:
+    if block[0] == "outer":
+        return _outer(_block(lay, block[1], combine), _block(lay, block[2], combine), combine)
+    t, sl = lay.kw[block[1]], block[2]
+    return t if sl is None else t[..., slice(*sl), :]
+
+
+def build_table(lay: Layout, q: Tensor) -> Tensor:
+    """The concatenated table [Ht, N, D] of a layout (Ht = 1, or H with per-head tables)."""
+    _, H, _, D = q.shape
+    parts = [_block(lay, b, lay.key[0]) for b in lay.blocks]
+    if not parts:
+        return q.new_zeros(1, 0, D)
+    if any(b.dim() == 3 for b in parts):
+        parts = [b if b.dim() == 3 else b.unsqueeze(0).expand(H, -1, -1) for b in parts]
     else:
-        coords = torch.zeros(B, 0, Lk, dtype=torch.int32, device=q.device)
-    return Assembled(table, coords, terms)
+        parts = [b.unsqueeze(0) for b in parts]
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def tables(lay: Layout, q: Tensor, transposed: bool = False, on_build: Optional[Callable[[], None]] = None) -> dict:
+    """{"table": [Ht, N, D]} (and "table_t": [Ht, D, N] when ``transposed``), cached;
+    ``on_build()`` runs first whenever the table is (re)built."""
+    def build() -> dict:
+        if on_build is not None:
+            on_build()
+        return {"table": build_table(lay, q)}
+    key = lay.key + (q.dtype, q.device, q.shape[-1])  # D matters when there is no table at all
+    value = cached(key, lay.sources, build)
+    if transposed and "table_t" not in value:
+        value["table_t"] = value["table"].transpose(1, 2).contiguous()
+    return value
+
+
+def assemble(q: Tensor, Lk: int, onset, pitch, kw: dict, combine: str, time_mode: str,
+             shrink: bool = False) -> Assembled:
+    """Build the concatenated table, coordinate channels and term integers for the kernels.
+    The table is reused across calls with the same tables when no gradient is needed. With
+    ``shrink`` the decomposed terms keep only the rows these coordinates reach (``layout``)."""
+    B, H = q.shape[:2]
+    coords = {"onset": onset, "pitch": pitch, "bar": kw["bar"], "position": kw["position"]}
+    lay = layout(kw, combine, time_mode, H, coords if shrink else None)
+    table = tables(lay, q)["table"]
+    return Assembled(table, token_channels(lay, coords, B, Lk, q.device), lay.terms)

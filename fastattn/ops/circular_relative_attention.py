@@ -90,6 +90,84 @@ REASONS = {
 }
 
 
+# The cpp decoding op serves calls with at most this many queries that need no gradient.
+DECODE_MAX_LQ = 16
+# From this many queries on, the cpp path shrinks decomposed tables to the rows the coordinates
+# reach (_cra_terms.layout): a few small reductions per call against q·E work that grows with Lq.
+SHRINK_MIN_LQ = 64
+
+
+def _decoding(q: Tensor, k: Tensor, v: Tensor, kw: dict, dropout_p: float) -> bool:
+    if q.shape[2] > DECODE_MAX_LQ or dropout_p > 0.0 or torch.compiler.is_compiling():
+        return False
+    tables = [kw[n] for n in _cra_terms.TABLE_ARGS if kw[n] is not None]
+    return _cra_terms.cacheable(tables + [q, k, v])
+
+
+def decode_op(q: Tensor, k: Tensor, v: Tensor, table_t: Tensor, coords: Tensor, terms, alpha: float,
+              scale: float, causal: bool, key_padding_mask: Optional[Tensor]) -> Tensor:
+    """The cpp decoding op (forward only): q [B, H, Lq, D], k/v [B, H, Lk, D] (strided over batch
+    and head allowed), table_t [Ht, D, N] (the assembled table transposed), coords int32
+    [B, C, Lk] and key_padding_mask [B, Lk] with dense rows (strided views allowed)."""
+    return torch.ops.fastattn.circular_relative_attention_decode(
+        q.contiguous(), _dense_rows(k), _dense_rows(v), table_t, coords, terms, float(alpha), float(scale),
+        bool(causal), key_padding_mask)
+
+
+def cached_decode(q: Tensor, cache, new_coords: dict, kw: dict, *, combine: str, time_mode: str,
+                  alpha: float, causal: bool, key_padding_mask: Optional[Tensor] = None,
+                  backend: str = "auto", op_coordinates: Optional[tuple] = None) -> Optional[Tensor]:
+    """Attention of the cache's last Lq tokens (queries q [B, H, Lq, D]) over a KV cache that
+    already holds them, by the cpp decoding op; None where that path does not apply (another
+    backend, gradients needed, too many queries), and the caller then runs the public op.
+
+    ``cache`` is a ``fastattn.nn.KVCache`` (k, v, key_padding_mask, derived). ``new_coords``:
+    the new tokens' coordinates (name -> [B, Lq] or None: onset, pitch, bar, position) and
+    ``key_padding_mask`` their mask, validated here; ``kw``: the op's table and integer term
+    arguments as in ``circular_relative_attention``. Per step this converts only the new tokens'
+    coordinate channels (kept in the cache), reuses the transposed assembled table while the
+    tables hold the same values, and makes one kernel call. ``op_coordinates`` = (key, fn):
+    the cache stores coordinates that ``fn(name -> [B, n]) -> name -> [B, n]`` turns into the
+    op's (``new_coords`` are already converted); ``key`` names that conversion.
+    """
+    if q.shape[2] > DECODE_MAX_LQ or torch.compiler.is_compiling() or _selected(backend, q) != "cpp":
+        return None
+    if not _cra_terms.cacheable([kw[n] for n in _cra_terms.TABLE_ARGS if kw[n] is not None] + [q]):
+        return None
+    lay = _cra_terms.layout(kw, combine, time_mode, q.shape[1])
+    if any(new_coords.get(ch.coord) is None for ch in lay.channels):
+        return None  # the op's own checks name the missing coordinate
+    if op_coordinates is None and any(getattr(cache, ch.coord, None) is None for ch in lay.channels):
+        return None  # the cache does not store a coordinate these terms read
+    convert_key, convert = op_coordinates if op_coordinates is not None else (None, lambda c: c)
+
+    def check():  # every argument, whenever the tables are (re)built (shapes and dtypes included)
+        new = {n: new_coords.get(n) for n in _cra_terms.COORD_ARGS}
+        _cra_terms.validate(q, q, q, new["onset"], new["pitch"], {**kw, "bar": new["bar"], "position": new["position"]},
+                            key_padding_mask, combine, time_mode, alpha, None, 0.0)
+
+    table_t = _cra_terms.tables(lay, q, transposed=True, on_build=check)["table_t"]
+    B = q.shape[0]
+    # Each token's coordinates are range-checked once, when its channels are made.
+    limits = _cra_terms.coordinate_limits(kw["bar_res"])
+    coords = cache.derived(("circular_relative_attention", tuple(lay.channels), convert_key),
+                           lambda c, n: _cra_terms.token_channels(lay, convert(c), B, n, q.device, limits))
+    return decode_op(q, cache.k, cache.v, table_t, coords, lay.terms, alpha, q.shape[-1] ** -0.5, causal,
+                     cache.key_padding_mask)
+
+
+_SELECTED: dict = {}
+
+
+def _selected(backend: str, q: Tensor) -> str:
+    """select() for decoding steps, remembered per (backend, device, dtype): it does not depend
+    on anything else, and a step should not pay for it."""
+    key = (backend, q.device, q.dtype)
+    if key not in _SELECTED:
+        _SELECTED[key] = select(OP, backend, q, REASONS)
+    return _SELECTED[key]
+
+
 def circular_relative_attention(
     q: Tensor, k: Tensor, v: Tensor, onset: Optional[Tensor] = None,
     pitch: Optional[Tensor] = None, *,
@@ -139,7 +217,14 @@ def circular_relative_attention(
             q, k, v, onset, pitch, alpha=alpha, scale=scale, causal=causal,
             key_padding_mask=key_padding_mask, dropout_p=dropout_p, dropout_seed=seed,
             time_mode=time_mode, combine=combine, **kw)
-    asm = _cra_terms.assemble(q, k.shape[2], onset, pitch, kw, combine, time_mode)
+    if name == "cpp" and _decoding(q, k, v, kw, dropout_p):
+        lay = _cra_terms.layout(kw, combine, time_mode, q.shape[1])
+        coords = _cra_terms.token_channels(lay, {"onset": onset, "pitch": pitch, "bar": kw["bar"],
+                                                 "position": kw["position"]}, q.shape[0], k.shape[2], q.device)
+        return decode_op(q, k, v, _cra_terms.tables(lay, q, transposed=True)["table_t"], coords, lay.terms,
+                         alpha, scale, causal, key_padding_mask)
+    shrink = name == "cpp" and q.shape[2] >= SHRINK_MIN_LQ
+    asm = _cra_terms.assemble(q, k.shape[2], onset, pitch, kw, combine, time_mode, shrink=shrink)
     op = torch.ops.fastattn.circular_relative_attention
     if name == "triton":
         from fastattn.triton.circular_relative_attention import circular_relative_attention_op as op
