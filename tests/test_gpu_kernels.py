@@ -149,3 +149,17 @@ def test_resource_report_parses_ptxas_and_gates_spills():
     assert gr.occupancy(96, 1024, 4, 90) == (5, 20)
     assert gr.occupancy(255, 0, 4, 90) == (2, 8)        # 4-warp programs at 255 registers: two per SM
     assert gr.occupancy(128, 120 * 1024, 8, 90) == (1, 8)  # shared memory bound
+
+
+@needs_triton
+def test_resource_report_records_the_paper_launches():
+    """The CI gate's launch recording (meta tensors through the op's own assembly and launchers)
+    runs in the test suite too: a change that breaks it fails here, not only in the gate."""
+    import gpu_resources as gr
+    from fastattn.triton._common import compile_target
+    with compile_target(90):
+        train = gr.attention_launches(torch.bfloat16, 64, "hadamard", "train")
+        decode = gr.attention_launches(torch.bfloat16, 64, "hadamard", "decode")
+    names = [(x.fn.__name__, x.kwargs.get("PASS", x.kwargs.get("SPLIT"))) for x in train + decode]
+    assert names == [("_cra_fwd_kernel", 0), ("_cra_bwd_kernel", 1), ("_cra_bwd_kernel", 2),
+                     ("_cra_fwd_kernel", 1), ("_cra_combine_kernel", None)], names
