@@ -184,6 +184,48 @@ def test_training_loss_decreases(tmp_path, model):
         assert recs[-1]["l0"] <= 4
 
 
+def test_bae_cov_off_too_switches_the_covariance_term_with_the_entropy_term(tmp_path):
+    """cov_off_too: α_c = 0 during the entropy-off epochs (bit-identical to α_c = 0 there), on after."""
+    x = low_rank_data(N=512)
+    kw = dict(model="bae", epochs=2, alpha_entropy=1e-2, alpha_cov=1e-2, entropy_off_epochs=1)
+
+    def run(name, **over):
+        return train(_cfg(tmp_path / name, **{**kw, **over}), TensorStore(x)).state_dict()
+
+    off_phase = run("a", cov_off_too=True, epochs=1)
+    no_cov = run("b", alpha_cov=0.0, epochs=1)
+    kept_on = run("c", epochs=1)
+    assert all(torch.equal(off_phase[k], no_cov[k]) for k in off_phase)
+    assert not all(torch.equal(off_phase[k], kept_on[k]) for k in off_phase)
+    # after the off epochs α_c is back: epoch 2 differs from a run with α_c = 0 throughout
+    full = run("d", cov_off_too=True)
+    full_no_cov = run("e", alpha_cov=0.0)
+    assert not all(torch.equal(full[k], full_no_cov[k]) for k in full)
+
+
+def test_lr_decay_schedule_and_resume(tmp_path, monkeypatch):
+    """lr_decay = f: lr constant for the first (1 − f) of the planned steps, then linear to 0 (the
+    last step's lr is base/decay_steps); a run cut by max_steps follows the same schedule (prefix),
+    and resuming it reproduces the uninterrupted run bit for bit."""
+    x = low_rank_data(N=512)  # 4 batches of 128 per epoch, 3 epochs: 12 steps, decay over the last 6
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    full = train(_cfg(tmp_path / "full", lr_decay=0.5), TensorStore(x))
+    assert seen == pytest.approx([3e-3] * 7 + [3e-3 * (6 - i) / 6 for i in range(1, 6)])
+    seen.clear()
+    train(_cfg(tmp_path / "part", lr_decay=0.5, max_steps=8), TensorStore(x))
+    assert seen == pytest.approx([3e-3] * 7 + [2.5e-3])
+    resumed = train(_cfg(tmp_path / "part", lr_decay=0.5), TensorStore(x))
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("model", ["topk", "bae"])
 def test_resume_bit_for_bit(tmp_path, model):
     x = low_rank_data(N=700)

@@ -68,12 +68,23 @@ def encode_fires(model, x: Tensor) -> tuple[Tensor, Tensor]:
     from fastattn.sae.modules import BinaryAutoencoder
 
     if isinstance(model, BinaryAutoencoder):
-        pre = model.encoder(x)
+        pre = model.preactivation(x)
         return pre > 0, pre
     xs, _ = model.preprocess(x)
     values, indices = model.encode(xs)
     dense = torch.zeros(x.shape[0], model.n_latents).scatter_(1, indices, values)
     return dense > 0, dense
+
+
+@torch.no_grad()
+def _majority_bits(model, coll, layer: int) -> Tensor:
+    """[d'] bool: each BAE bit's value on most of the layer's tokens (1[p > 0.5])."""
+    counts, total = None, 0
+    for x, _rows in coll.rows(layer):
+        c = model.encode_counts(x)
+        counts = c if counts is None else counts + c
+        total += x.shape[0]
+    return counts.double() / max(total, 1) > 0.5
 
 
 def _summary(values: Tensor, mask: Tensor) -> dict:
@@ -100,9 +111,18 @@ def analyze_layer(
     dense_frequency: float = 0.1,
     min_firings: int = 10,
     progress: bool = True,
+    bae_state: str = "minority",
 ):
     """Statistics of every model on ``coll``'s layer. Returns (results dict, {name: (FeatureStats,
-    R [n])}) — the second for plots."""
+    R [n])}) — the second for plots.
+
+    ``bae_state``: when a BAE feature "fires". "minority" (default): on the tokens where its bit
+    differs from the bit it has on most tokens (fastattn.sae.stats.feature_activity explains why:
+    a bit that is 1 almost everywhere is as inactive as one that is 0 almost everywhere); "one":
+    where the bit is 1. TopK latents fire where their activation is positive (their usual state
+    is 0), so "minority" applies the same rule to both."""
+    if bae_state not in ("minority", "one"):
+        raise ValueError(f"bae_state must be 'minority' or 'one', got {bae_state!r}")
     for s in schemes:
         if s not in SCHEMES:
             raise ValueError(f"unknown group scheme {s!r}; choose from {sorted(SCHEMES)}")
@@ -121,12 +141,15 @@ def analyze_layer(
         "token_clusters": int(clusters.max()) + 1,
         "distinct_tokens": int(ids.numel()),
         "min_firings_for_R": min_firings,
+        "bae_state": bae_state,
         "models": {},
     }
     raw = {}
     for name, model in models.items():
         n = model.n_latents if hasattr(model, "n_latents") else model.d_hidden
         acc = FeatureAccumulator(n, len(vocab), {s: len(SCHEMES[s][0]) for s in schemes})
+        flip = _majority_bits(model, coll, layer) if bae_state == "minority" and not hasattr(model, "n_latents") \
+            else torch.zeros(n, dtype=torch.bool)
         rows_iter = coll.rows(layer)
         if progress:
             from tqdm import tqdm
@@ -139,6 +162,7 @@ def analyze_layer(
             for lo in range(0, x.shape[0], step):
                 sl = slice(lo, lo + step)
                 fires, _ = encode_fires(model, x[sl])
+                fires = fires ^ flip
                 r = {k: v[sl] for k, v in rows.items()}
                 acc.add(
                     fires,

@@ -10,18 +10,19 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
+from fastattn._io import atomic_write_json
 from fastattn.music import metrics as M
 from fastattn.music import tokens as T
 from fastattn.music.data import WindowCorpus
 from fastattn.music.generate import SamplingConfig, decode, generate, prompt_from_notes
 from fastattn.music.model import MusicTransformer
+from fastattn.music.repetition import continue_windows
 from fastattn.music.train import evaluate_nll
 
 
@@ -71,9 +72,10 @@ def evaluate_model(model: MusicTransformer, corpus: WindowCorpus, out_dir, *, na
                    seed: int = 0, batch_size: int = 16, device="cpu") -> dict:
     """Test NLL, next-bar metrics and continuations of one model; writes
     ``<name>_continuation_<i>.mid``, ``<name>_prompt_<i>.mid`` and ``<name>_metrics.json`` into
-    ``out_dir``. Returns the summary dict, whose ``self_similarity`` holds the matrix of the
-    first continuation ([16, 16] list) and ``repetition`` the scores at lags 4/8/12 averaged
-    over the continuations."""
+    ``out_dir``. Returns the summary dict: ``self_similarity`` / ``self_similarity_truth`` hold
+    the matrices ([16, 16] lists) of the continuations and of the true windows they continue,
+    ``repetition`` (``_std``) and ``repetition_truth`` (``_std``) rep@k at lags 4/8/12 as mean
+    (std) over them, ``continuations`` the ``repetition.Continuations``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"name": name, "variant": model.cfg.variant,
@@ -82,22 +84,24 @@ def evaluate_model(model: MusicTransformer, corpus: WindowCorpus, out_dir, *, na
                                   max_windows=nll_windows, device=device)
     summary["next_bar"] = next_bar_test(model, corpus, split, n_windows=next_bar_windows,
                                         sampling=sampling, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    reps, files, first = [], [], None
-    for k, i in enumerate(_pick(corpus.n_windows(split), n_continuations)):
-        w = corpus.window(split, i)
-        notes = continue_piece(model, w, sampling=sampling, generator=gen)
+    c = continue_windows(model, corpus, split, n_continuations, sampling=sampling, seed=seed)
+    files = []
+    for k, (w, notes) in enumerate(zip(c.truth, c.pieces)):
         path = out / f"{name}_continuation_{k}.mid"
         T.write_midi(notes, path)
-        T.write_midi(w[w[:, T.BAR] < 4], out / f"{name}_prompt_{k}.mid")
+        T.write_midi(w[w[:, T.BAR] < c.prompt_bars], out / f"{name}_prompt_{k}.mid")
         files.append(str(path))
-        S = M.self_similarity(notes, corpus.window_bars)
-        first = S if first is None else first
-        reps.append(M.repetition_scores(S))
     summary["midi"] = files
-    summary["repetition"] = {str(lag): float(np.nanmean([r[lag] for r in reps]))
-                             for lag in M.LAGS} if reps else {}
-    summary["self_similarity"] = first.tolist() if first is not None else None
-    with open(out / f"{name}_metrics.json", "w") as f:
-        json.dump({k: v for k, v in summary.items() if k != "self_similarity"}, f, indent=1)
+    # rep@k (metrics.REP_DEFINITION): mean and std over the continuations, and over the true
+    # windows of the same prompts.
+    for key, rep in (("repetition", c.rep()), ("repetition_truth", c.rep_true())):
+        summary[key] = {str(lag): m for lag, (m, _, _) in rep.items()}
+        summary[key + "_std"] = {str(lag): sd for lag, (_, sd, _) in rep.items()}
+    summary["self_similarity"] = [S.tolist() for S in c.S]
+    summary["self_similarity_truth"] = [S.tolist() for S in c.S_true]
+    summary["continuations"] = c
+    atomic_write_json(out / f"{name}_metrics.json",
+                      {k: v for k, v in summary.items()
+                       if k not in ("self_similarity", "self_similarity_truth", "continuations")},
+                      indent=1)
     return summary

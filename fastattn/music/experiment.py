@@ -1,5 +1,9 @@
 """Small CPU experiment: validation NLL of the five attention variants at equal steps.
 
+Superseded by ``fastattn music reproduce`` (``fastattn.music.reproduce``: seeds, test NLL per
+field, next-bar metrics, rep@k, paired verdicts); kept because the README's current five-variant
+table was made with it.
+
 ``python -m fastattn.music.experiment --corpus synthetic --seeds 0 1 2 --steps 150``
 trains every variant (Attn, RelAttn, RIPO, CirRelAttn, CirRelAttn-H) with the same small
 configuration, seed by seed, and reports mean ± standard deviation (over seeds) of the
@@ -15,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastattn._io import append_jsonl, read_jsonl
+
 VARIANTS = ("Attn", "RelAttn", "RIPO", "CirRelAttn", "CirRelAttn-H")
 
 
@@ -22,8 +28,8 @@ def run(corpus_name: str, data, songs: int, seeds, steps: int, out: Path, max_le
         eval_windows: int, time_cap_s: float) -> None:
     import torch
 
-    from fastattn.music.cli import load_corpus
     from fastattn.music.model import ModelConfig
+    from fastattn.music.corpus import load_corpus
     from fastattn.music.train import TrainConfig, train
 
     torch.set_num_threads(2)
@@ -31,9 +37,8 @@ def run(corpus_name: str, data, songs: int, seeds, steps: int, out: Path, max_le
     print(f"{corpus_name}: {corpus.summary()}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"{corpus_name}.jsonl"
-    done = set()
-    if log.exists():
-        done = {(r["variant"], r["seed"]) for r in map(json.loads, log.read_text().splitlines())}
+    # read_jsonl drops a last line cut short by a kill (that run is redone).
+    done = {(r["variant"], r["seed"]) for r in read_jsonl(log)}
     t_start = time.time()
     for seed in seeds:
         for variant in VARIANTS:
@@ -55,8 +60,7 @@ def run(corpus_name: str, data, songs: int, seeds, steps: int, out: Path, max_le
                    "val_nll": h["val_nll"], "val_loss": h["val_loss"],
                    **{k: v for k, v in h.items() if k.startswith("val_nll_")},
                    "seconds": round(time.time() - t0, 1)}
-            with open(log, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_jsonl(log, rec)
             print(json.dumps(rec), flush=True)
 
 
@@ -64,7 +68,7 @@ def table(out: Path) -> str:
     """Markdown table of mean ± std validation NLL per corpus and variant."""
     rows = []
     for log in sorted(out.glob("*.jsonl")):
-        recs = [json.loads(l) for l in log.read_text().splitlines()]
+        recs = read_jsonl(log)
         for v in VARIANTS:
             x = np.array([r["val_nll"] for r in recs if r["variant"] == v])
             p = np.array([r["val_nll_pitch"] for r in recs if r["variant"] == v])

@@ -18,7 +18,7 @@ sounding-duration chroma per half bar.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -181,24 +181,61 @@ def self_similarity(notes: np.ndarray, n_bars: int = T.N_BARS) -> np.ndarray:
     return S
 
 
+REP_DEFINITION = ("rep@k = mean over i of S[i, i+k], the cosine similarity of the 128 × 48 "
+                  "pianorolls of bars i and i+k of one 16-bar piece (4 prompt bars + 12 "
+                  "generated: for k ≥ 4 every pair ends in a generated bar; empty bars score "
+                  "0); reported as mean ± std over the pieces")
+
+
 def repetition_scores(S: np.ndarray, lags: Sequence[int] = LAGS) -> Dict[int, float]:
-    """Mean of the lag-k diagonal S[i, i + k] for each lag (NaN when the piece is too short)."""
+    """rep@k of one piece: the mean of the lag-k diagonal S[i, i + k] of its self-similarity
+    matrix, for each lag (NaN when the piece is too short). See ``REP_DEFINITION``."""
     return {k: float(np.mean(np.diagonal(S, k))) if k < len(S) else float("nan") for k in lags}
 
 
-def plot_self_similarity(matrices: Dict[str, np.ndarray], path, title: str = "") -> None:
-    """Save the self-similarity matrices side by side as a PNG (matplotlib, Agg backend)."""
+def repetition_summary(matrices: Sequence[np.ndarray],
+                       lags: Sequence[int] = LAGS) -> Dict[int, Tuple[float, float, int]]:
+    """rep@k of a set of pieces: (mean, sample std, n) over the pieces of each piece's
+    ``repetition_scores`` (std 0 for one piece). The mean equals rep@k of the mean matrix."""
+    per_piece = [repetition_scores(np.asarray(S), lags) for S in matrices]
+    out = {}
+    for k in lags:
+        x = np.array([r[k] for r in per_piece], dtype=float)
+        out[k] = (float(np.mean(x)) if len(x) else float("nan"),
+                  float(np.std(x, ddof=1)) if len(x) > 1 else 0.0, len(x))
+    return out
+
+
+def format_repetition(summary: Dict[int, Tuple[float, float, int]], digits: int = 2) -> str:
+    """'0.72 ± 0.05 / 0.60 ± 0.08 / 0.55 ± 0.09' for lags 4/8/12 (the order of ``summary``)."""
+    return " / ".join(f"{m:.{digits}f} ± {s:.{digits}f}" for m, s, _ in summary.values())
+
+
+def plot_self_similarity(matrices: Dict[str, Union[np.ndarray, Sequence[np.ndarray]]], path,
+                         title: str = "", prompt_bars: int = 0) -> None:
+    """Save self-similarity matrices side by side as a PNG (matplotlib, Agg backend).
+
+    Each entry is one matrix [n, n] or a list of them (one per piece): a list is drawn as its
+    mean matrix, and the panel title gives rep@k as mean ± std over its pieces
+    (``repetition_summary``), the same numbers a results table reports for that set.
+    ``prompt_bars`` > 0 draws dashed lines where the given prompt ends."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(matrices)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n + 1, 4), squeeze=False)
-    for ax, (name, S) in zip(axes[0], matrices.items()):
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n + 1, 4.6), squeeze=False)
+    for ax, (name, mats) in zip(axes[0], matrices.items()):
+        mats = [np.asarray(mats)] if np.asarray(mats[0]).ndim == 1 else [np.asarray(m) for m in mats]
+        S = np.mean(mats, axis=0)
         im = ax.imshow(S, vmin=0, vmax=1, cmap="magma", origin="upper")
-        rep = repetition_scores(S)
-        ax.set_title(f"{name}\nrep@4/8/12 = " + "/".join(f"{rep[k]:.2f}" for k in LAGS),
-                     fontsize=9)
+        if prompt_bars:
+            ax.axvline(prompt_bars - 0.5, color="white", ls="--", lw=0.8)
+            ax.axhline(prompt_bars - 0.5, color="white", ls="--", lw=0.8)
+        summ = repetition_summary(mats)
+        lags = "/".join(str(k) for k in summ)
+        label = f"{name} (mean of {len(mats)})" if len(mats) > 1 else name
+        ax.set_title(f"{label}\nrep@{lags} = {format_repetition(summ)}", fontsize=8)
         ax.set_xlabel("bar")
         ax.set_ylabel("bar")
         ticks = list(range(0, len(S), 4))

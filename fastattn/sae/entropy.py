@@ -7,7 +7,7 @@
   firing frequency over the whole set; streamed in batches through the fused binary encoder,
   which returns only per-column counts (no code is written).
 - :func:`random_direction_data`: x = c·M with an orthonormal M ∈ R^{r×d} and fair coins c ∈ {0,1}^r,
-  whose true entropy is r bits.
+  whose true entropy is r bits; :func:`refit_fvu`: whether a BAE's code of such data is lossless.
 """
 from __future__ import annotations
 
@@ -52,6 +52,20 @@ def estimate_entropy_bits(model, batches: Iterable[Tensor]) -> float:
     if counts is None:
         raise ValueError("estimate_entropy_bits: no data")
     return entropy_from_counts(counts, total)
+
+
+@torch.no_grad()
+def refit_fvu(model, train: Tensor, test: Tensor) -> float:
+    """Held-out FVU of the best linear decoder of ``model``'s binary code: least squares (with a
+    bias) from the codes of ``train`` [N, d] to ``train``, applied to the codes of ``test``. Near 0
+    when the code is lossless, whatever the state of the model's own decoder."""
+    def design(x):
+        h = (model.preactivation(x) > 0).double()
+        return torch.cat([h, torch.ones(h.shape[0], 1, dtype=torch.float64)], 1)
+
+    sol = torch.linalg.lstsq(design(train), train.double(), driver="gelsd").solution
+    err = (design(test) @ sol - test.double()).pow(2).sum()
+    return float(err / (test.double() - test.double().mean(0)).pow(2).sum().clamp_min(1e-300))
 
 
 class RandomDirections(NamedTuple):

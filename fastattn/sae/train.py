@@ -36,6 +36,7 @@ from fastattn.sae.modules import DEAD_TOKENS, DENSE_FREQUENCY, BinaryAutoencoder
 from fastattn.sae.stores import ActivationStore
 
 CHECKPOINT = "checkpoint.pt"
+INIT_SAMPLE_ROWS = 4096  # rows for the initialisation statistics (TopK b_pre, BAE input centre)
 METRICS = "metrics.jsonl"
 
 
@@ -55,6 +56,12 @@ class TrainConfig:
     """TopK: AuxK loss weight."""
     dead_tokens: int = DEAD_TOKENS
     """TopK: tokens without firing after which a latent is dead."""
+    init_b_pre: str = "geometric_median"
+    """TopK: before step 0, b_pre from the first INIT_SAMPLE_ROWS rows of the data ("geometric_median",
+    Gao et al.; "mean", sparsify; "zeros") and encoder = decoderᵀ (TopKSAE.init_from_data)."""
+    init_scale: str = "data"
+    """TopK: the encoder's initial factor ("data": least squares on the sample; "unit": Gao et al.'s
+    code; "none"). See TopKSAE.init_from_data and bench/results/topk_vs_sparsify.md."""
     ste: str = "reference"
     """BAE: straight-through estimator ("reference", "identity", "sigmoid")."""
     recon: str = "mse"
@@ -63,10 +70,20 @@ class TrainConfig:
     """BAE: α_e, weight of Σ_j h2(p_j)."""
     alpha_cov: float = 1e-7
     """BAE: α_c, weight of Σ_{i≠j} |C_ij|."""
+    bae_center: str = "mean"
+    """BAE: before step 0, the encoder's input centre from the first INIT_SAMPLE_ROWS rows ("mean";
+    "none" = the authors' uncentred encoder). See BinaryAutoencoder."""
     entropy_off_epochs: int = 0
     """BAE: epochs at the start with α_e = 0 (the authors: 500 of 2000)."""
+    cov_off_too: bool = False
+    """BAE: α_c = 0 as well during those epochs (the authors' code keeps α_c on throughout; with the
+    reference estimator, ranks 16-32 of the entropy benchmark compress further with it off)."""
     lr: Optional[float] = None
     """Adam learning rate (default: BAE 5e-4; TopK 2e-4 · sqrt(16384 / n), Gao et al.)."""
+    lr_decay: float = 0.0
+    """Fraction of the run (by step, of epochs × steps per epoch) at its end over which the learning
+    rate falls linearly to 0; 0 = constant (the authors). With the BAE reference estimator Adam
+    turns the tiny gradients of a converged code into full-size steps, which move the hyperplanes."""
     batch_size: int = 512
     epochs: int = 1
     max_steps: Optional[int] = None
@@ -100,6 +117,16 @@ def build_model(cfg: TrainConfig, d_in: int):
     raise ValueError(f"model must be 'topk' or 'bae', got {cfg.model!r}")
 
 
+def init_sample(store: ActivationStore, cfg: TrainConfig) -> torch.Tensor:
+    """[<= INIT_SAMPLE_ROWS, d] the first rows of epoch 0's plan, the same on every rank."""
+    rows = []
+    for x in store.batches(cfg.batch_size, 0, cfg.seed, rank=0, world=1):
+        rows.append(x)
+        if sum(r.shape[0] for r in rows) >= INIT_SAMPLE_ROWS:
+            break
+    return torch.cat(rows)[:INIT_SAMPLE_ROWS].to(cfg.device)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: a uniquely named temp file next to ``path``, fsynced, renamed over ``path``."""
     _io.atomic_torch_save(state, path)
@@ -127,6 +154,7 @@ def check_config(cfg: TrainConfig) -> None:
               ("alpha_cov", finite(cfg.alpha_cov)),
               ("entropy_off_epochs", cfg.entropy_off_epochs >= 0),
               ("lr", cfg.lr is None or finite(cfg.lr) and cfg.lr > 0),
+              ("lr_decay", finite(cfg.lr_decay) and cfg.lr_decay <= 1),
               ("batch_size", cfg.batch_size >= 1), ("epochs", cfg.epochs >= 1),
               ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1),
               ("seed", 0 <= cfg.seed < 2 ** 63), ("log_every", cfg.log_every >= 1),
@@ -196,7 +224,8 @@ def _train(cfg, store, resume, rank, world, out_dir, stop):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, store.d)
     n_latents = model.n_latents if cfg.model == "topk" else model.d_hidden
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate(n_latents))
+    base_lr = cfg.learning_rate(n_latents)
+    opt = torch.optim.Adam(model.parameters(), lr=base_lr)
     window = _Window(n_latents, cfg.device)
     step, epoch, step_in_epoch, window_steps, elapsed, loaded = 0, 0, 0, 0, 0.0, False
     if resume and ckpt_path.exists():
@@ -224,6 +253,9 @@ def _train(cfg, store, resume, rank, world, out_dir, stop):
             _io.trim_jsonl(metrics_path, lambda r: r.get("step", 0) <= step)
     if cfg.model == "topk" and not loaded:
         model.set_decoder_norm_to_unit_norm()
+        model.init_from_data(init_sample(store, cfg), b_pre=cfg.init_b_pre, scale=cfg.init_scale)
+    elif step == 0:
+        model.init_from_data(init_sample(store, cfg), center=cfg.bae_center)
     wrapped = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -252,6 +284,12 @@ def _train(cfg, store, resume, rank, world, out_dir, stop):
 
     per_epoch = store.steps_per_epoch(cfg.batch_size, world, drop_last=world > 1)
     total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+    planned = cfg.epochs * per_epoch  # the schedule ignores max_steps: a cut-off run is a prefix
+    decay_from = planned - cfg.lr_decay * planned
+
+    def lr_at(s: int) -> float:
+        return base_lr if s < decay_from else base_lr * (planned - s) / (planned - decay_from)
+
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm
@@ -262,8 +300,9 @@ def _train(cfg, store, resume, rank, world, out_dir, stop):
         nonlocal step, step_in_epoch, window, window_steps
         x = x.to(cfg.device)
         if cfg.model == "bae":
-            a_e = 0.0 if epoch < cfg.entropy_off_epochs else cfg.alpha_entropy
-            out = wrapped(x, alpha_entropy=a_e)
+            off = epoch < cfg.entropy_off_epochs
+            out = wrapped(x, alpha_entropy=0.0 if off else cfg.alpha_entropy,
+                          alpha_cov=0.0 if off and cfg.cov_off_too else cfg.alpha_cov)
             counts = out.counts
             extra = dict(recon_loss=out.recon_loss.item(), entropy_loss=out.entropy_loss.item(),
                          cov_loss=out.cov_loss.item(), entropy_bits=out.entropy_bits,
@@ -276,6 +315,9 @@ def _train(cfg, store, resume, rank, world, out_dir, stop):
         out.loss.backward()
         if cfg.model == "topk":
             model.before_step()
+        if cfg.lr_decay > 0:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
         opt.step()
         if cfg.model == "topk":
             model.after_step()
