@@ -45,7 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
-os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter
+if __name__ == "__main__":  # compiled kernels, not the interpreter (imported by a test: leave it)
+    os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
