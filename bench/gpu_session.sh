@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh sanitize    # compute-sanitizer memcheck on small fwd+bwd runs
 #   bash bench/gpu_session.sh attn        # attention benchmark, bf16 B=8 H=8 D=32 and 64
 #   bash bench/gpu_session.sh sae         # SAE/BAE benchmark on the shapes
+#   bash bench/gpu_session.sh resources   # registers/spills per kernel (as on CPU) + first-call latency
 #   bash bench/gpu_session.sh all         # all of the above, in this order
 #
 # Results go to $OUT (the device tool's output folder; default bench/results/gpu): CSVs named
@@ -51,13 +52,19 @@ stage_sae() {
   done
 }
 
+stage_resources() {
+  # The ahead-of-time report (bench/gpu_resources.py, the same numbers a CPU machine gets) next
+  # to what this GPU measures: the Triton op's first call with an empty cache, then a warm one.
+  $PY bench/gpu_resources.py --quick --only attention cuda --first-call --out "$OUT/gpu_resources_${DEV}.csv"
+}
+
 run_stage() {
   echo "== $1 ($(date -u +%H:%M:%S))"
   "stage_$1" 2>&1 | tee "$OUT/$1.log"
 }
 
 case "${1:-all}" in
-  all) for s in build test sanitize attn sae; do run_stage "$s"; done ;;
-  build|test|sanitize|attn|sae) run_stage "$1" ;;
-  *) echo "usage: $0 [build|test|sanitize|attn|sae|all]" >&2; exit 2 ;;
+  all) for s in build test sanitize attn sae resources; do run_stage "$s"; done ;;
+  build|test|sanitize|attn|sae|resources) run_stage "$1" ;;
+  *) echo "usage: $0 [build|test|sanitize|attn|sae|resources|all]" >&2; exit 2 ;;
 esac

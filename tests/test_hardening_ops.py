@@ -45,8 +45,6 @@ def _xfail(reason):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-H15_TRITON = _xfail("h15: the Triton attention kernels return finite values where the reference has NaN")
-H15_CUDA = _xfail("h15: csrc/cuda kernels")
 
 
 # ----------------------------------------------------------------------------- integer arguments
@@ -141,9 +139,7 @@ def _emu_attention():
 
 def _nan_params():
     marks = {"cpp": [needs_cpp], "triton": [needs_triton], "cuda_emu": [_needs_emu("circular_relative_attention")]}
-    xfails = {("triton", c): H15_TRITON for c in NAN_CASES}
-    xfails[("cuda_emu", "overflow_qk")] = _xfail("h15: csrc/cuda attention gives finite rows where the logits "
-                                                 "overflow (160 of 192 outputs NaN, reference 192)")
+    xfails: dict = {}  # none left: cpp (h18), Triton and CUDA (h15) propagate NaN
     return [pytest.param(b, c, marks=marks[b] + ([xfails[(b, c)]] if (b, c) in xfails else []), id=f"{b}-{c}")
             for b in marks for c in NAN_CASES]
 
@@ -159,10 +155,8 @@ def test_attention_divergence_is_never_hidden(backend, case):
 # ----------------------------------------------------------------------------- NaN: SAE ops
 
 def _sae_backends(op):
-    emu_fail = {"topk_w": H15_CUDA, "topk_x": H15_CUDA}
     out = [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
-    marks = [_needs_emu("sae")] + ([emu_fail[op]] if op in emu_fail else [])
-    return out + [pytest.param("cuda_emu", marks=marks)]
+    return out + [pytest.param("cuda_emu", marks=[_needs_emu("sae")])]
 
 
 def _sae(backend, op, *args, **kw):

@@ -198,8 +198,6 @@ TRITON_HOSTILE = {  # (table rows, coordinate channels, terms)
 
 
 @pytest.mark.skipif(not _triton_ok(), reason="triton missing or TRITON_INTERPRET unset")
-@pytest.mark.xfail(strict=True, reason="h15: the Triton op (fastattn_triton::circular_relative_attention) checks no "
-                                       "raw arguments; fastattn.reference.raw_terms.check_raw_args states the rules")
 @pytest.mark.parametrize("name", list(TRITON_HOSTILE))
 def test_triton_raw_op_rejects_hostile_terms(name):
     """On a GPU these would read out of bounds; the interpreter accepts the channels silently."""

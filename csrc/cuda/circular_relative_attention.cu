@@ -238,13 +238,20 @@ __device__ void load_key_tile(const Args& a, const Plan& p, const T* K, const T*
   }
 }
 
+// Whether key j of the tile is visible to query row i (not padding, not past Lk, causal).
+template <typename T>
+__device__ __forceinline__ bool pair_visible(const Args& a, const Smem<T>& sm, int i, int j, int a0, int j0,
+                                             int mq) {
+  return i < mq && !sm.km[j] && !(a.causal && j0 + j > a0 + i);
+}
+
 // Scaled logit of pair (i, j) of the tile, -inf where the key is excluded (SPEC §2):
 // scale · (q·k + alpha · (index band + every small term present for the pair)).
 template <typename T>
 __device__ __forceinline__ float tile_logit(const Args& a, const Plan& p, const TermCache& tc, const Smem<T>& sm,
                                             int i, int j, int a0, int j0, int mq) {
   const int ai = a0 + i, jj = j0 + j;
-  if (i >= mq || sm.km[j] || (a.causal && jj > ai)) return -INFINITY;
+  if (!pair_visible(a, sm, i, j, a0, j0, mq)) return -INFINITY;
   float rel = 0.f;
   if (a.has_band) rel += sm.qe[(size_t)i * p.ldB + (i - j + p.BK - 1)];
   for (int t = 0; t < a.n_small; ++t) {
@@ -279,7 +286,7 @@ __device__ __forceinline__ int key_tiles(const Args& a, const Plan& p, int a0, i
 // grid (nqt, B·H, splits). out [B, H, Lq, D]; lse [B, H, Lq]; with splits > 1 the partial
 // (O unnormalised, max, sum) go to the workspace instead and combine_kernel finishes.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, const Plan p, T* __restrict__ out,
+__global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_kernel(const Args a, const Plan p, T* __restrict__ out,
                                                        float* __restrict__ lse, float* __restrict__ ws) {
   FA_DYNAMIC_SMEM(unsigned char, smem_raw);
   Smem<T> sm(smem_raw, p);
@@ -308,6 +315,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, const Plan 
   const int kt_end = key_tiles(a, p, a0, mq);
   const int kt0 = split * p.tiles_per_split, kt1 = min(kt0 + p.tiles_per_split, kt_end);
   float m_i = -INFINITY, l_i = 0.f;  // identical in the tpr lanes of a row
+  bool seen = false;                 // this lane saw a visible key (whatever its logit)
   const uint32_t rh = a.dropout ? cra_dropout_row(a.seed, (uint32_t)bh, (uint32_t)(i0 + row)) : 0u;
   for (int kt = kt0; kt < kt1; ++kt) {
     const int j0 = kt * p.BK, mk = min(p.BK, a.Lk - j0);
@@ -323,6 +331,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, const Plan 
       const float s = tile_logit(a, p, tc, sm, row, j, a0, j0, mq);
       srow[j] = s;
       mx = fmaxf(mx, s);
+      seen = seen || pair_visible(a, sm, row, j, a0, j0, mq);
     }
     mx = group_max(mx, tpr);
     const float m_new = fmaxf(m_i, mx);
@@ -344,6 +353,10 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, const Plan 
     block_mm<T, false, false>(p.BQ, D, p.BK, sm.pt, p.ldPT, sm.v, p.ldT, sm.o, p.ldD, true);
     __syncthreads();
   }
+  // A row without visible keys gives zeros and lse -inf. A row with visible keys gives O / l even
+  // when l is 0 (every visible logit -inf) or NaN: NaN, as the reference's softmax gives, never
+  // zeros that would hide a divergence (lse NaN then too, so the backward gives NaN).
+  const bool empty = group_max(seen ? 1.f : 0.f, tpr) == 0.f;
   if (row >= mq) return;
   const int64_t r_out = (int64_t)bh * a.Lq + i0 + row;
   if (p.splits > 1) {
@@ -351,14 +364,13 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Args a, const Plan 
     for (int d = sub; d < D; d += tpr) ws[p.ws_o + r_ws * D + d] = sm.o[(size_t)row * p.ldD + d];
     if (sub == 0) {
       ws[p.ws_m + r_ws] = m_i;
-      ws[p.ws_l + r_ws] = l_i;
+      ws[p.ws_l + r_ws] = !empty && l_i == 0.f ? NAN : l_i;  // NaN: combine_kernel's sign of a bad split
     }
     return;
   }
-  const bool empty = l_i == 0.f;  // no visible key: zeros, lse = -inf
   for (int d = sub; d < D; d += tpr)
     out[r_out * D + d] = fa_from_float<T>(empty ? 0.f : sm.o[(size_t)row * p.ldD + d] / l_i);
-  if (sub == 0) lse[r_out] = empty ? -INFINITY : m_i + logf(l_i);
+  if (sub == 0) lse[r_out] = empty ? -INFINITY : (l_i == 0.f ? NAN : m_i + logf(l_i));
 }
 
 // Split-K combine: per output element, rescale each split's partial by exp(m_s - m) in split
@@ -371,7 +383,16 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const Args a, const P
     const int64_t r = idx / a.D;
     const int d = (int)(idx - r * a.D);
     float m = -INFINITY;
-    for (int s = 0; s < p.splits; ++s) m = fmaxf(m, ws[p.ws_m + s * rows + r]);
+    bool bad = false;  // a NaN partial (NaN logits, or visible keys whose logits are all -inf)
+    for (int s = 0; s < p.splits; ++s) {
+      m = fmaxf(m, ws[p.ws_m + s * rows + r]);
+      bad = bad || isnan(ws[p.ws_l + s * rows + r]);
+    }
+    if (bad) {
+      out[idx] = fa_from_float<T>(NAN);
+      if (d == 0) lse[r] = NAN;
+      continue;
+    }
     if (m == -INFINITY) {
       out[idx] = fa_from_float<T>(0.f);
       if (d == 0) lse[r] = -INFINITY;
@@ -394,7 +415,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const Args a, const P
 // accumulates into its workspace regions: dK, dV [nkt·BK, D], index-band gradient by Δn
 // [NDN, D] (row Δn - DN0) and small-table gradient [SP, D]. Workspace zeroed beforehand.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) bwd_kernel(const Args a, const Plan p, const T* __restrict__ dout,
+__global__ void __launch_bounds__(kThreads, kMinBlocks) bwd_kernel(const Args a, const Plan p, const T* __restrict__ dout,
                                                        const T* __restrict__ out, const float* __restrict__ lse,
                                                        T* __restrict__ dq, float* __restrict__ ws) {
   FA_DYNAMIC_SMEM(unsigned char, smem_raw);

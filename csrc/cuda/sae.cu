@@ -345,7 +345,13 @@ __device__ __forceinline__ void block_gemm(const Mat<TGA>& A, const Mat<TGB>& B,
 
 // ----------------------------------------------------------------------------- TopK encoder
 
-__device__ __forceinline__ bool better(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
+// Rank order of torch.sort(descending, stable): NaN above every number, ties (NaN with NaN
+// included) to the lower latent index.
+__device__ __forceinline__ bool better(float v, int i, float w, int j) {
+  const bool vn = v != v, wn = w != w;
+  if (vn || wn) return vn && (!wn || i < j);
+  return v > w || (v == w && i < j);
+}
 
 // Block (row block, split) -> per-row top-k candidate lists of its split, sorted, in the
 // workspace at [row block][split][slot][row in block] (sentinels -inf / INT_MAX where the split
@@ -386,7 +392,6 @@ __global__ void __launch_bounds__(kThreads)
         const int col = n0 + c;
         float v = Ct[c * C_LD + r];
         if (bias) v += to_f(bias[col]);
-        if (v != v) v = -INFINITY;  // NaN ranks last (and never leaves a sentinel in the output)
         if (!better(v, col, tv, ti)) continue;  // the common case once the list is full
         int p = k - 1;
         while (p > 0) {

@@ -19,6 +19,11 @@ namespace cra_cuda {
 enum Dtype { F32 = 0, F16 = 1, BF16 = 2 };
 
 constexpr int kThreads = 128;  // 4 warps per block, every kernel
+// __launch_bounds__(kThreads, kMinBlocks) on the attention kernels: without a minimum, ptxas
+// aims at fewer registers (56-96) and spills a few values (8-44 bytes); with it, up to 255
+// registers, no spills (bench/gpu_resources.py). Shared memory limits these kernels to one or
+// two blocks per SM anyway.
+constexpr int kMinBlocks = 2;
 constexpr int kMaxD = 256;     // head dims: multiples of 16 up to this (tested: 16, 32, 64, 128)
 
 // A term gathered from the per-query-tile products RS = Q · E_smallᵀ (every term except the

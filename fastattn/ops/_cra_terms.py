@@ -424,8 +424,9 @@ def same_content(a: List[Tensor], b: List[Tensor]) -> bool:
 
 
 def cacheable(sources: List[Tensor]) -> bool:
-    """Results built from ``sources`` may be cached: no gradient will flow, not compiling."""
-    if torch.compiler.is_compiling():
+    """Results built from ``sources`` may be cached: no gradient will flow, not compiling, real
+    data (meta tensors, as bench/gpu_resources.py plans launches with, have no contents)."""
+    if torch.compiler.is_compiling() or any(t.device.type == "meta" for t in sources):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
 

@@ -84,8 +84,9 @@ def check_terms(terms: Sequence[int], C: int, N: int, Lk: int) -> List[List[int]
 
 def check_raw_args(q: Tensor, k: Tensor, v: Tensor, table: Tensor, coords: Tensor, terms: Sequence[int],
                    alpha: float, scale: float, causal: bool, key_padding_mask: Optional[Tensor],
-                   dropout_p: float, seed: int) -> None:
-    """ValueError unless the fused op accepts these arguments (the rules of ``cra_make_problem``)."""
+                   dropout_p: float, seed: int, check_values: bool = True) -> None:
+    """ValueError unless the fused op accepts these arguments (the rules of ``cra_make_problem``).
+    ``check_values=False`` skips reading the coordinate values (GPU tensors: no device sync)."""
     _need(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be 4-D")
     B, H, Lq, D = (_in(s, 0, SIZE_MAX, f"q size {i}") for i, s in enumerate(q.shape))
     Lk = _in(k.shape[2], 0, SIZE_MAX, "Lk")
@@ -102,7 +103,7 @@ def check_raw_args(q: Tensor, k: Tensor, v: Tensor, table: Tensor, coords: Tenso
           and coords.is_contiguous(), "coords must be contiguous int32 [B, C, Lk]")
     C = _in(coords.shape[1], 0, SIZE_MAX, "C")
     check_terms(list(terms), C, N, Lk)
-    if coords.numel():
+    if check_values and coords.numel():
         lo, hi = int(coords.min()), int(coords.max())
         _need(lo >= -SHIFT_MAX and hi <= COORD_MAX, f"coords values must be in [{-SHIFT_MAX}, {COORD_MAX}]")
     if key_padding_mask is not None:

@@ -20,8 +20,11 @@ registrations -> the public function in fastattn/ops/sae.py (backend="triton").
   (summed by torch in a fixed order); the gradient h_J·sign(C)_JI is added into dh with fp32
   atomics, whose sums are integers for binary codes and therefore exact in any order.
 
-Dtypes: fp32 (and fp16/bf16 inputs on CUDA, computed in fp32). Under TRITON_INTERPRET=1 every
-kernel runs on CPU tensors (tests).
+Dtypes: fp32 (fp32 products, no TF32) and, on CUDA, fp16/bf16 (tensor cores, fp32
+accumulation). Tiles: small ones in the interpreter (CPU tests); on a GPU, per generation and
+dtype (:func:`_tiles`): tensor-core tiles (128 x 128 x 64, three or more pipeline stages) for
+16-bit inputs, checked by bench/gpu_resources.py to fit registers and shared memory. Under
+TRITON_INTERPRET=1 every kernel runs on CPU tensors (tests).
 """
 from __future__ import annotations
 
@@ -33,8 +36,10 @@ import triton.language as tl
 from torch import Tensor
 
 from fastattn.ops import _sae_glue as G
+from fastattn.triton._common import capability, precision
+from fastattn.triton._common import dot as _dot
 
-INT64_MIN = -(2 ** 63)
+INT64_MIN = tl.constexpr(-(2 ** 63))  # a constexpr: compiled kernels may read no other globals
 
 
 def _next_pow2(x: int) -> int:
@@ -48,7 +53,7 @@ def _topk_encode_fwd_kernel(
     X, W, B, VALS, IDX,          # X [N, D], W [NL, D], B [NL], VALS [N, K] (out), IDX [N, K] int64 (out)
     N, D, NL,
     K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -63,7 +68,7 @@ def _topk_encode_fwd_kernel(
             dd = d0 + offs_d
             x = tl.load(X + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
             w = tl.load(W + cols[:, None] * D + dd[None, :], mask=col_ok[:, None] & (dd[None, :] < D), other=0.0)
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            acc += _dot(x, tl.trans(w), PREC)
         if HAS_BIAS:
             acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         acc = acc + 0.0  # -0.0 -> +0.0, so that the two zeros tie
@@ -159,7 +164,7 @@ def _binary_encode_kernel(
                                     # COUNTS [NL] int32 (atomics)
     N, D, NL, NB,
     HAS_BIAS: tl.constexpr, RETURN_CODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -169,13 +174,14 @@ def _binary_encode_kernel(
         dd = d0 + tl.arange(0, BLOCK_D)
         x = tl.load(X + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
         w = tl.load(W + cols[:, None] * D + dd[None, :], mask=col_ok[:, None] & (dd[None, :] < D), other=0.0)
-        acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        acc += _dot(x, tl.trans(w), PREC)
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     valid = row_ok[:, None] & col_ok[None, :]
     bits = ((acc > 0) & valid).to(tl.int32)
     if RETURN_CODE:
-        tl.store(CODE + rows[:, None] * NL + cols[None, :], bits.to(CODE.dtype.element_ty), mask=valid)
+        # via fp32: the interpreter turns int32 into bf16 bit patterns, not values
+        tl.store(CODE + rows[:, None] * NL + cols[None, :], bits.to(tl.float32).to(CODE.dtype.element_ty), mask=valid)
     tl.atomic_add(COUNTS + cols, tl.sum(bits, axis=0), mask=col_ok)
     weights = (1 << tl.arange(0, 8)).to(tl.int32)
     packed = tl.sum(tl.reshape(bits, [BLOCK_M, BLOCK_N // 8, 8]) * weights[None, None, :], axis=2)
@@ -189,8 +195,10 @@ def _covariance_kernel(
     H, C, PART, RPART, DH,  # H [Bn, NL], C [NL] fp64 column sums, PART [nI, nJ] fp64 (out),
                             # RPART [nJ, NL] fp64 (out: Σ_j c_j S_ij per J tile), DH [Bn, NL] fp32 (atomics)
     Bn, NL,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr,
 ):
+    # Binary codes: 16-bit products and fp32 sums of 0/1 and ±1 values are exact, so the tensor-
+    # core path (16-bit H) gives the same integers as the fp32 one.
     ti, tj = tl.program_id(0), tl.program_id(1)
     ci = ti * BLOCK_T + tl.arange(0, BLOCK_T)
     cj = tj * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -201,7 +209,7 @@ def _covariance_kernel(
         b_ok = bb < Bn
         hi = tl.load(H + bb[:, None] * NL + ci[None, :], mask=b_ok[:, None] & i_ok[None, :], other=0.0)
         hj = tl.load(H + bb[:, None] * NL + cj[None, :], mask=b_ok[:, None] & j_ok[None, :], other=0.0)
-        g += tl.dot(tl.trans(hi.to(tl.float32)), hj.to(tl.float32), input_precision="ieee")
+        g += _dot(tl.trans(hi), hj, PREC)
     c_i = tl.load(C + ci, mask=i_ok, other=0.0)
     c_j = tl.load(C + cj, mask=j_ok, other=0.0)
     num = Bn * g.to(tl.float64) - c_i[:, None] * c_j[None, :]
@@ -211,16 +219,40 @@ def _covariance_kernel(
     if COMPUTE_GRAD:
         s = tl.where(num > 0, 1.0, tl.where(num < 0, -1.0, 0.0))  # [T_i, T_j], fp64
         tl.store(RPART + tj * NL + ci, tl.sum(s * c_j[None, :], axis=1), mask=i_ok)
-        s32 = s.to(tl.float32)
+        s_h = s.to(H.dtype.element_ty)
         for b0 in range(0, Bn, BLOCK_B):
             bb = b0 + tl.arange(0, BLOCK_B)
             b_ok = bb < Bn
             hj = tl.load(H + bb[:, None] * NL + cj[None, :], mask=b_ok[:, None] & j_ok[None, :], other=0.0)
-            contrib = tl.dot(hj.to(tl.float32), tl.trans(s32), input_precision="ieee")  # [BLOCK_B, T_i]
+            contrib = _dot(hj, tl.trans(s_h), PREC)  # [BLOCK_B, T_i]
             tl.atomic_add(DH + bb[:, None] * NL + ci[None, :], contrib, mask=b_ok[:, None] & i_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
+
+def _tiles(x: Tensor, kind: str) -> dict:
+    """Block sizes, warps and pipeline stages of the GEMM-like kernels ("topk", "binary":
+    BLOCK_M x BLOCK_N output tiles over BLOCK_D; "cov": BLOCK_T x BLOCK_T over BLOCK_B rows).
+    Interpreter (no target; CPU tensors): small tiles, so tests stay fast. GPU (or a
+    compile_target): per generation and dtype."""
+    cap = capability(x.device)
+    if cap is None:
+        small = {"topk": (16, 64, 32), "binary": (16, 64, 32), "cov": (32, 32)}[kind]
+        return dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_D") if kind != "cov" else ("BLOCK_T", "BLOCK_B"), small))
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    if kind == "cov":
+        # 16-bit codes: tensor-core 128 x 128 output tiles. fp32 codes (SIMT products, an fp64
+        # numerator tile [T, T]) spill beyond 32 x 32.
+        t = dict(BLOCK_T=128, BLOCK_B=64, num_warps=8) if half else dict(BLOCK_T=32, BLOCK_B=32, num_warps=4)
+    elif kind == "topk":
+        # the top-k merge holds [BLOCK_M, BLOCK_N] int64 sort keys: 64-row tiles, 8 warps
+        t = dict(BLOCK_M=64, BLOCK_N=128 if half else 64, BLOCK_D=64 if half else 32, num_warps=8)
+    else:
+        t = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64 if cap >= 90 else 32, num_warps=8) if half else \
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4)
+    t["num_stages"] = 3
+    return t
+
 
 def _topk_encode_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> Tuple[Tensor, Tensor]:
     N, D = x.shape
@@ -228,11 +260,11 @@ def _topk_encode_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: in
     KP = _next_pow2(k)
     values = x.new_empty((N, k))
     indices = torch.empty((N, k), dtype=torch.long, device=x.device)
-    BLOCK_M, BLOCK_N, BLOCK_D = 16, max(64, KP), 32
-    grid = (triton.cdiv(N, BLOCK_M),)
+    t = _tiles(x, "topk")
+    t["BLOCK_N"] = max(t["BLOCK_N"], KP)
+    grid = (triton.cdiv(N, t["BLOCK_M"]),)
     _topk_encode_fwd_kernel[grid](x, weight, bias if bias is not None else x, values, indices, N, D, NL,
-                                  K=k, KP=KP, HAS_BIAS=bias is not None,
-                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+                                  K=k, KP=KP, HAS_BIAS=bias is not None, PREC=precision(x.dtype, x.device), **t)
     return values, indices
 
 
@@ -258,12 +290,17 @@ def _gather_dot_launch(g: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
 
 def _segment_scatter_launch(coef: Tensor, idx: Tensor, X: Tensor, n: int, with_sum: bool):
     """dW [n, D] = Σ over entries with idx = j of coef · X[row], and optionally Σ coef per j."""
-    K = idx.shape[1]
-    D = X.shape[1]
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     start = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
     start[1:] = torch.bincount(flat, minlength=n).cumsum(0)
+    return _segment_scatter_run(order, start, coef, idx.shape[1], X, n, with_sum)
+
+
+def _segment_scatter_run(order: Tensor, start: Tensor, coef: Tensor, K: int, X: Tensor, n: int, with_sum: bool):
+    """The kernel launch of _segment_scatter_launch, given the entries by latent (order [N·K],
+    start [n + 1])."""
+    D = X.shape[1]
     dW = X.new_empty((n, D))
     dsum = X.new_empty((n,)) if with_sum else dW
     BLOCK_E, BLOCK_D = 16, 64
@@ -279,24 +316,24 @@ def _binary_encode_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], ret
     code = x.new_empty((N, NL if return_code else 0))
     packed = torch.empty((N, NB), dtype=torch.uint8, device=x.device)
     counts = torch.zeros(NL, dtype=torch.int32, device=x.device)
-    BLOCK_M, BLOCK_N, BLOCK_D = 16, 64, 32
-    grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(NL, BLOCK_N))
+    t = _tiles(x, "binary")
+    grid = (triton.cdiv(N, t["BLOCK_M"]), triton.cdiv(NL, t["BLOCK_N"]))
     _binary_encode_kernel[grid](x, weight, bias if bias is not None else x, code if return_code else x, packed,
                                 counts, N, D, NL, NB, HAS_BIAS=bias is not None, RETURN_CODE=return_code,
-                                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+                                PREC=precision(x.dtype, x.device), **t)
     return code, packed, counts.long()
 
 
 def _covariance_launch(h: Tensor, compute_grad: bool):
     Bn, NL = h.shape
-    BLOCK_T, BLOCK_B = 32, 32
-    nt = triton.cdiv(NL, BLOCK_T)
+    t = _tiles(h, "cov")
+    nt = triton.cdiv(NL, t["BLOCK_T"])
     c = h.double().sum(0)  # exact for binary codes
     part = torch.empty((nt, nt), dtype=torch.float64, device=h.device)
     rpart = torch.zeros((nt, NL), dtype=torch.float64, device=h.device)
     dh = torch.zeros((Bn, NL), dtype=torch.float32, device=h.device) if compute_grad else part
     _covariance_kernel[(nt, nt)](h, c, part, rpart, dh, Bn, NL, COMPUTE_GRAD=compute_grad,
-                                 BLOCK_T=BLOCK_T, BLOCK_B=BLOCK_B)
+                                 PREC=precision(h.dtype, h.device), **t)
     value = (part.sum() / (Bn * (Bn - 1))).to(h.dtype)
     if not compute_grad:
         return value, h.new_empty((0, NL))
