@@ -44,11 +44,13 @@ def test_decode_op_matches_training_op(terms, per_head, dtype):
         assert_close(f"Lq={Lq} Lk={Lk}", got, want, TOL[dtype][0] * 10)
 
 
-def test_decode_op_strided_views_and_threads():
+@pytest.mark.parametrize("Lq", [1, 2])
+def test_decode_op_strided_views_and_threads(Lq):
     """Coordinates, mask, k and v as views of larger buffers (a KV cache's storage) need no
     copy; splitting the keys over threads gives the one-thread result to rounding. The range
-    check of the coordinates reads the view, not the buffer's unused (out-of-range) tail."""
-    q, k, v, onset, pitch, kw, _ = make_problem(B=1, H=2, Lq=2, Lk=3000, D=32, terms="all", grad=False)
+    check of the coordinates reads the view, not the buffer's unused (out-of-range) tail.
+    (Lq = 1: one query per (batch, head) split over the threads' key chunks.)"""
+    q, k, v, onset, pitch, kw, _ = make_problem(B=1, H=2, Lq=Lq, Lk=3000, D=32, terms="all", grad=False)
     asm = assemble(q, 3000, onset, pitch, kw)
     cap = 3100
     cbuf = torch.full((1, asm.coords.shape[1], cap), 2**31 - 1, dtype=torch.int32)

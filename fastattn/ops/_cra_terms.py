@@ -222,6 +222,11 @@ class Layout(NamedTuple):
     def sources(self) -> List[Tensor]:
         return [self.kw[n] for n in self.names]
 
+    @property
+    def coordinates(self) -> List[str]:
+        """The coordinates (onset, pitch, bar, position) the channels read, each once, in order."""
+        return list(dict.fromkeys(ch.coord for ch in self.channels))
+
 
 def _channel_values(ch: Channel, c: Tensor) -> Tensor:
     missing = c < 0
@@ -250,7 +255,7 @@ def token_channels(layout: Layout, coords: Dict[str, Tensor], B: int, L: int, de
     (name -> (lo, hi)) the coordinates read are checked to lie in range (ValueError)."""
     if not layout.channels:
         return torch.zeros(B, 0, L, dtype=torch.int32, device=device)
-    names = list(dict.fromkeys(ch.coord for ch in layout.channels))
+    names = layout.coordinates
     lims = [limits[n] if limits else (-2**62, 2**62) for n in names]
     if torch.device(device).type == "cpu" and _ext.extension() is not None and not torch.compiler.is_compiling():
         spec = [x for ch in layout.channels for x in (names.index(ch.coord), _OPS[ch.op], ch.period, ch.step)]

@@ -135,9 +135,10 @@ def cached_decode(q: Tensor, cache, new_coords: dict, kw: dict, *, combine: str,
     if not _cra_terms.cacheable([kw[n] for n in _cra_terms.TABLE_ARGS if kw[n] is not None] + [q]):
         return None
     lay = _cra_terms.layout(kw, combine, time_mode, q.shape[1])
-    if any(new_coords.get(ch.coord) is None for ch in lay.channels):
+    read = lay.coordinates  # each coordinate once: reading one off the cache slices a tensor
+    if any(new_coords.get(name) is None for name in read):
         return None  # the op's own checks name the missing coordinate
-    if op_coordinates is None and any(getattr(cache, ch.coord, None) is None for ch in lay.channels):
+    if op_coordinates is None and any(getattr(cache, name, None) is None for name in read):
         return None  # the cache does not store a coordinate these terms read
     convert_key, convert = op_coordinates if op_coordinates is not None else (None, lambda c: c)
 
