@@ -14,9 +14,6 @@ estimate Σ_j h2(p_j) over all 65,536 samples, the held-out FVU of the model, an
 a least-squares decoder refitted on the training codes (≈ 0 when the code is lossless).
 Options for the convergence study (each changes the row's command): --cov-off-too (α_c = 0 with α_e),
 --lr-decay F, --entropy-off E, --batch-size B, --alpha-cov.
---preset reference-1e-6: the settings under which the authors' estimator converges (README,
-"Entropy benchmark"): --estimators reference --alpha 1e-6 --epochs 300 --center mean (α_e = 0 for the
-first 75 epochs, α_c on throughout, as the authors' trainer); explicit options given with it win.
 Writes --out.json and --out.md (appending to existing rows unless --fresh).
 """
 from __future__ import annotations
@@ -87,12 +84,8 @@ def markdown(rows: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-PRESETS = {"reference-1e-6": {"estimators": "reference", "alpha": 1e-6, "epochs": 300, "center": "mean"}}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
     p.add_argument("--ranks", default="4,8,16,32")
     p.add_argument("--estimators", default="reference,sigmoid")
     p.add_argument("--epochs", type=int, default=100)
@@ -111,9 +104,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "bench/results/bae_entropy"))
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args(argv)
-    if args.preset:
-        p.set_defaults(**PRESETS[args.preset])
-        args = p.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
     stes = args.estimators.split(",")
     plan = [] if args.only_no_losses else [(r, s, True) for s, r in itertools.product(stes, ranks)]
