@@ -94,7 +94,6 @@ def main(argv=None):
     from bench_circular_relative_attention import OPTIONS, Config, append_rows, device_name, make_inputs
 
     torch.set_num_threads(args.threads)
-    profile = torch.ops.fastattn.cra_cpu_profile
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.checkout, text=True,
                                 capture_output=True, timeout=10).stdout.strip()
@@ -127,21 +126,7 @@ def main(argv=None):
                 F.scaled_dot_product_attention(inp.q, inp.k, inp.v, is_causal=True).backward(grad)
 
             cpp(), sdpa()
-            totals, sdpas = [], []
-            profile(True)
-            for _ in range(args.repeats):
-                t0 = time.process_time()
-                cpp()
-                totals.append(time.process_time() - t0)
-            secs, names = profile(False)
-            for _ in range(args.repeats):
-                t0 = time.process_time()
-                sdpa()
-                sdpas.append(time.process_time() - t0)
-            phases = {n: s / args.repeats * 1e3 for n, s in zip(names, secs) if s > 0}
-            phases["kernel sum"] = sum(phases.values())
-            phases["total"] = statistics.median(totals) * 1e3
-            phases["sdpa"] = statistics.median(sdpas) * 1e3
+            phases = profiled_phases(cpp, sdpa, args.repeats)
             print(f"\nL={L} time_mode={mode} (ms of CPU per forward+backward, {args.threads} thread(s))")
             for name, ms in phases.items():
                 print(f"  {name:<11}{ms:9.2f}")
@@ -152,6 +137,29 @@ def main(argv=None):
         print(f"\n{len(rows)} rows appended to {args.out}")
 
 
+def profiled_phases(cpp, sdpa, n: int) -> dict:
+    """ms of CPU per call: the cpp kernel's phases (profiled over n calls), their sum, the median
+    call of cpp and of sdpa (timed after profiling stops, so the hooks cost sdpa nothing)."""
+    import torch
+    profile = torch.ops.fastattn.cra_cpu_profile
+    totals, sdpas = [], []
+    profile(True)
+    for _ in range(n):
+        t0 = time.process_time()
+        cpp()
+        totals.append(time.process_time() - t0)
+    secs, names = profile(False)
+    for _ in range(n):
+        t0 = time.process_time()
+        sdpa()
+        sdpas.append(time.process_time() - t0)
+    phases = {name: s / n * 1e3 for name, s in zip(names, secs) if s > 0}
+    phases["kernel sum"] = sum(phases.values())
+    phases["total"] = statistics.median(totals) * 1e3
+    phases["sdpa"] = statistics.median(sdpas) * 1e3
+    return phases
+
+
 def profile_decode(Lk: int, mode: str, args, meta: dict) -> list:
     """Phase rows of decoding steps (ms of CPU per step) over a KV cache of Lk keys."""
     import torch
@@ -160,24 +168,9 @@ def profile_decode(Lk: int, mode: str, args, meta: dict) -> list:
     for provider in ("cpp", "sdpa"):
         cfg = Config(provider, "decode", B=2, H=8, Lq=1, Lk=Lk, D=32, time_mode=mode)
         steps[provider] = DECODE_STEPS[provider](cfg, make_inputs(cfg, False))
-    profile, n = torch.ops.fastattn.cra_cpu_profile, 100 * args.repeats
-    totals, sdpas = [], []
     with torch.no_grad():
         steps["cpp"](), steps["sdpa"]()
-        profile(True)
-        for _ in range(n):
-            t0 = time.process_time()
-            steps["cpp"]()
-            totals.append(time.process_time() - t0)
-        secs, names = profile(False)
-        for _ in range(n):
-            t0 = time.process_time()
-            steps["sdpa"]()
-            sdpas.append(time.process_time() - t0)
-    phases = {name: s / n * 1e3 for name, s in zip(names, secs) if s > 0}
-    phases["kernel sum"] = sum(phases.values())
-    phases["total"] = statistics.median(totals) * 1e3
-    phases["sdpa"] = statistics.median(sdpas) * 1e3
+        phases = profiled_phases(steps["cpp"], steps["sdpa"], 100 * args.repeats)
     print(f"\ndecode Lk={Lk} time_mode={mode} (ms of CPU per step, {args.threads} thread(s))")
     for name, ms in phases.items():
         print(f"  {name:<11}{ms:9.3f}")

@@ -1,9 +1,6 @@
 """Issue 14, class 3 at the op level: the public op's integer arguments are range-checked,
 NaN and overflow are never hidden by a backend, a NaN row of the encoder weights does not stall
 TopK, and double backward through every fused op is exact (or raises).
-
-Backends other engineers own are tested here too and marked xfail(strict=True) with the owner
-in the reason, so that the mark must be removed when the fix lands.
 """
 from __future__ import annotations
 
@@ -39,10 +36,6 @@ _EMU_WHY = {n: _cuda_emu.available(n) for n in ("circular_relative_attention", "
 
 def _needs_emu(name):
     return pytest.mark.skipif(_EMU_WHY[name] is not None, reason=f"CUDA emulator unavailable: {_EMU_WHY[name]}")
-
-
-def _xfail(reason):
-    return pytest.mark.xfail(strict=True, reason=reason)
 
 
 
@@ -139,9 +132,7 @@ def _emu_attention():
 
 def _nan_params():
     marks = {"cpp": [needs_cpp], "triton": [needs_triton], "cuda_emu": [_needs_emu("circular_relative_attention")]}
-    xfails: dict = {}  # none left: cpp (h18), Triton and CUDA (h15) propagate NaN
-    return [pytest.param(b, c, marks=marks[b] + ([xfails[(b, c)]] if (b, c) in xfails else []), id=f"{b}-{c}")
-            for b in marks for c in NAN_CASES]
+    return [pytest.param(b, c, marks=marks[b], id=f"{b}-{c}") for b in marks for c in NAN_CASES]
 
 
 @pytest.mark.parametrize("backend,case", _nan_params())
