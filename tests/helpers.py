@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import signal
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,3 +165,16 @@ def default_sigint():
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, old)
+
+
+def n(*rows):
+    """Notes as an int64 [N, 5] array (one row per note)."""
+    return np.array(rows, dtype=np.int64).reshape(-1, 5)
+
+
+def load_bench(name: str):
+    """A bench/ script imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

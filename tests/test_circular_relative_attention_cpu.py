@@ -14,7 +14,7 @@ from fastattn import _ext
 from fastattn.nn import CircularRelativeAttention, KVCache
 from fastattn.ops import _cra_terms
 from fastattn.ops.circular_relative_attention import cached_decode
-from helpers import TOL, assemble, assert_close, grad_names, make_problem, run
+from helpers import _TERM_DEFAULTS, TOL, assemble, assert_close, grad_names, make_problem, run
 
 pytestmark = pytest.mark.skipif(not _ext.has_backend("cpp"), reason=f"cpp backend not built: {_ext.extension_error()}")
 
@@ -280,7 +280,7 @@ def test_shrunk_tables_are_exact(time_mode):
         kw["position"].copy_(torch.where(onset < 0, -1, onset % 48))
     full = {**kw, "time_mode": time_mode}
     big = assemble(q, 70, onset, pitch, kw, time_mode=time_mode)
-    small = _cra_terms.assemble(q, 70, onset, pitch, {**_full_defaults(), **kw}, "hadamard", time_mode, shrink=True)
+    small = _cra_terms.assemble(q, 70, onset, pitch, {**_TERM_DEFAULTS, **kw}, "hadamard", time_mode, shrink=True)
     assert small.table.shape[1] < big.table.shape[1] - 200
     kw.pop("time_mode", None)
     out_r, g_r = run("reference", q, k, v, onset, pitch, full, leaves)
@@ -288,11 +288,6 @@ def test_shrunk_tables_are_exact(time_mode):
     assert_close("out", out_c, out_r, 1e-10)
     for name, a, b in zip(grad_names(full), g_c, g_r):
         assert_close(name, a, b, 1e-9)
-
-
-def _full_defaults():
-    return {n: None for n in _cra_terms.TABLE_ARGS} | dict(bar=None, position=None, bar_res=48, bar_min=0,
-                                                             octave_min=-11, rel_index_min=0, time_min=0, pitch_min=-127)
 
 
 @pytest.mark.parametrize("D", [1, 7, 40])

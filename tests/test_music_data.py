@@ -13,6 +13,7 @@ from fastattn.music import tokens as T  # noqa: E402  (after the importorskip)
 from fastattn.music.data import windows_of  # noqa: E402
 from fastattn.music.pop909 import load_midi_folder, seconds_to_ticks  # noqa: E402
 from fastattn.music.synthetic import SyntheticConfig, synthetic_corpus, synthetic_piece  # noqa: E402
+from helpers import load_bench  # noqa: E402
 
 POP909 = Path(os.environ.get("FASTATTN_POP909",
                              Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pop909"))
@@ -96,13 +97,7 @@ def test_midi_folder_skips_corrupt_and_empty_files(tmp_path):
 
 
 def _huge_tick_midi(path: Path, tpq: int = 1, delta: int = 0x0FFFFFFF) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "hostile_cases", Path(__file__).resolve().parents[1] / "bench" / "hostile_cases.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.huge_midi(path, delta, tpq)
+    load_bench("hostile_cases").huge_midi(path, delta, tpq)
 
 
 def test_note_at_a_huge_tick_is_skipped_not_allocated(tmp_path):

@@ -13,12 +13,10 @@ from fastattn.music.model import ModelConfig
 from fastattn.music.synthetic import SyntheticConfig, synthetic_corpus
 from fastattn.music.train import TrainConfig, load_checkpoint, train
 from fastattn.nn import CircularRelativeAttention
+from helpers import n
 
 CORPUS = synthetic_corpus(SyntheticConfig(n_songs=10, n_bars=17))
 
-
-def n(*rows):
-    return np.array(rows, dtype=np.int64).reshape(-1, 5)
 
 
 def piece():

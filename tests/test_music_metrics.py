@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 
 from fastattn.music import metrics as M
+from helpers import n
 
-
-def n(*rows):
-    return np.array(rows, dtype=np.int64).reshape(-1, 5)
 
 
 EMPTY = n()

@@ -13,10 +13,8 @@ from fastattn.music import plots
 from fastattn.music.model import ModelConfig, MusicTransformer
 from fastattn.music.repetition import continue_windows
 from fastattn.music.synthetic import SyntheticConfig, synthetic_corpus
+from helpers import n
 
-
-def n(*rows):
-    return np.array(rows, dtype=np.int64).reshape(-1, 5)
 
 
 def periodic(period, n_bars=16):

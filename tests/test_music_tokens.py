@@ -9,6 +9,7 @@ import pytest
 
 from fastattn.music import tokens as T
 from fastattn.music.synthetic import synthetic_piece
+from helpers import n
 
 POP909 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "pop909"
 # A fixed sample of real songs: four of those with the most notes merged and cut by the
@@ -105,9 +106,6 @@ def test_validation_rejects_out_of_range():
 
 # ---------------------------------------------------------------------------------------------
 # The canonical form: one sounding note per (track, pitch) at a time.
-
-def n(*rows):
-    return np.array(rows, dtype=np.int64).reshape(-1, 5)
 
 
 def test_canonical_form_by_hand():

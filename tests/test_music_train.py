@@ -2,18 +2,16 @@
 cache) of the music Transformer on tiny models."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import default_sigint  # noqa: F401  (fixture)
+from helpers import default_sigint, load_bench  # noqa: F401  (default_sigint: fixture)
 
 from fastattn._io import CorruptFile, DirLock, DirLocked, read_jsonl
 from fastattn._training import ResumeMismatch
@@ -58,10 +56,7 @@ def _params(path):
 # ---------------------------------------------------------------------------------------------
 # Interrupts: real signals (os.kill on this process) at the points where a signal used to leave
 # an inconsistent checkpoint, each run resumed and compared bit for bit with an uninterrupted one.
-_bench = importlib.util.spec_from_file_location(
-    "sigint_resume", Path(__file__).resolve().parents[1] / "bench" / "sigint_resume.py")
-sigint_resume = importlib.util.module_from_spec(_bench)
-_bench.loader.exec_module(sigint_resume)
+sigint_resume = load_bench("sigint_resume")
 
 RESUME_CFG = dict(max_steps=7, eval_every=3, eval_windows=6, patience=0, log_every=2)
 RESUME_CORPUS = synthetic_corpus(SyntheticConfig(n_songs=20, n_bars=18))  # 6 valid windows: 2 batches

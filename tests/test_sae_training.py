@@ -12,7 +12,7 @@ from fastattn.sae import BinaryAutoencoder, TopKSAE, fvu, random_direction_data
 from fastattn.sae.entropy import binary_entropy_bits, entropy_from_counts, estimate_entropy_bits
 from fastattn.sae.stores import NpyStore, SafetensorsStore, TensorStore, open_store, write_shards
 from fastattn.sae.train import TrainConfig, load_checkpoint, train
-from helpers import default_sigint  # noqa: F401  (fixture)
+from helpers import default_sigint, load_bench  # noqa: F401  (default_sigint: fixture)
 
 from fastattn._io import CorruptFile, DirLock, DirLocked, read_jsonl
 from fastattn._training import ResumeMismatch, TrainingInterrupted
@@ -274,17 +274,6 @@ def test_cli_entropy_bench_prints_json(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- interrupts
 
-def _load_bench():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "sigint_resume", Path(__file__).resolve().parents[1] / "bench" / "sigint_resume.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _sigint_at_step(monkeypatch, n):
     """A real SIGINT to this process during the n-th optimizer step (between its parameter
     updates and the step counter)."""
@@ -307,7 +296,7 @@ def _sigint_at_step(monkeypatch, n):
 @pytest.mark.usefixtures("default_sigint")
 @pytest.mark.parametrize("model,at", [("topk", 8), ("bae", 7)])  # mid-window, mid-epoch
 def test_sigint_saves_at_the_step_boundary_and_resumes_bit_for_bit(tmp_path, monkeypatch, model, at):
-    bench = _load_bench()
+    bench = load_bench("sigint_resume")
     x = low_rank_data(N=700)
     extra = {"alpha_entropy": 1e-3, "entropy_off_epochs": 1} if model == "bae" else {}
     train(_cfg(tmp_path / "full", model=model, log_every=3, **extra), TensorStore(x))

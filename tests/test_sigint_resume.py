@@ -3,20 +3,16 @@ subprocesses, each resumed and compared bit for bit with an uninterrupted run (t
 version of bench/sigint_resume.py: 2 interrupts per trainer on its tiniest configuration)."""
 from __future__ import annotations
 
-import importlib.util
 import signal
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import load_bench
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32" or not hasattr(signal, "SIGINT"),
                                 reason="POSIX signals")
 
-_spec = importlib.util.spec_from_file_location(
-    "sigint_resume", Path(__file__).resolve().parents[1] / "bench" / "sigint_resume.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_bench("sigint_resume")
 
 
 @pytest.mark.parametrize("kind", ["music", "sae"])

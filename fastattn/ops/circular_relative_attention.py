@@ -98,7 +98,7 @@ SHRINK_MIN_LQ = 64
 
 
 def _decoding(q: Tensor, k: Tensor, v: Tensor, kw: dict, dropout_p: float) -> bool:
-    if q.shape[2] > DECODE_MAX_LQ or dropout_p > 0.0 or torch.compiler.is_compiling():
+    if q.shape[2] > DECODE_MAX_LQ or dropout_p > 0.0:
         return False
     tables = [kw[n] for n in _cra_terms.TABLE_ARGS if kw[n] is not None]
     return _cra_terms.cacheable(tables + [q, k, v])
