@@ -14,14 +14,20 @@ Appends rows to bench/results/music_step_cost.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-VARIANTS = ("Attn", "RelAttn", "RIPO", "CirRelAttn", "CirRelAttn-H")
+from fastattn.nn import VARIANTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_circular_relative_attention import append_rows  # noqa: E402
+
+COLUMNS = ("corpus", "representation", "size", "variant", "batch", "mean_len", "threads", "cpu_s_per_step",
+           "wall_s_per_step", "loadavg", "steps")
 
 
 def main(argv=None) -> int:
@@ -63,27 +69,20 @@ def main(argv=None) -> int:
         lengths.append(b.inputs.shape[1])
         for (m, opt, cpu, wall) in models.values():
             c0, w0 = time.process_time(), time.perf_counter()
-            loss = loss_from_parts(m.loss_parts(b.inputs, b.targets, b.onset, b.pitch))
+            loss = loss_from_parts(m.loss_parts(b.inputs, b.targets, **b.coordinates()))
             opt.zero_grad()
             loss.backward()
             opt.step()
             if step:  # step 0 warms up
                 cpu.append(time.process_time() - c0)
                 wall.append(time.perf_counter() - w0)
-    out = Path(a.out)
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["corpus", "representation", "size", "variant", "batch", "mean_len",
-                        "threads", "cpu_s_per_step", "wall_s_per_step", "loadavg", "steps"])
-        for (size, v), (_, _, cpu, wall) in models.items():
-            row = [a.corpus, a.representation, size, v, a.batch_size, round(float(np.mean(lengths[1:]))),
-                   a.threads, round(float(np.median(cpu)), 3), round(float(np.median(wall)), 3),
-                   round(os.getloadavg()[0], 1), a.steps]
-            w.writerow(row)
-            print(dict(zip(["corpus", "rep", "size", "variant", "batch", "mean_len", "threads",
-                            "cpu_s", "wall_s", "load", "steps"], row)), flush=True)
+    rows = []
+    for (size, v), (_, _, cpu, wall) in models.items():
+        rows.append(dict(zip(COLUMNS, [a.corpus, a.representation, size, v, a.batch_size,
+                                       round(float(np.mean(lengths[1:]))), a.threads, round(float(np.median(cpu)), 3),
+                                       round(float(np.median(wall)), 3), round(os.getloadavg()[0], 1), a.steps])))
+        print(rows[-1], flush=True)
+    append_rows(Path(a.out), rows, COLUMNS)
     return 0
 
 

@@ -26,7 +26,6 @@ Shapes: B windows, L tokens, H heads, F fields.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastattn._io import append_jsonl
 from fastattn.music import data as D
 from fastattn.music import tokens as T
 from fastattn.music.model import ModelConfig, MusicTransformer, loss_from_parts
@@ -399,8 +399,7 @@ def train_with_probes(model_cfg: ModelConfig, tc, corpus: D.WindowCorpus, ps: Pr
         records.append(r)
         running.clear()
         if log_path is not None:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(r) + "\n")
+            append_jsonl(log_path, r)
 
     record(0)
     model.train()

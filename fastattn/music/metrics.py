@@ -198,12 +198,13 @@ def repetition_summary(matrices: Sequence[np.ndarray],
     """rep@k of a set of pieces: (mean, sample std, n) over the pieces of each piece's
     ``repetition_scores`` (std 0 for one piece). The mean equals rep@k of the mean matrix."""
     per_piece = [repetition_scores(np.asarray(S), lags) for S in matrices]
-    out = {}
-    for k in lags:
-        x = np.array([r[k] for r in per_piece], dtype=float)
-        out[k] = (float(np.mean(x)) if len(x) else float("nan"),
-                  float(np.std(x, ddof=1)) if len(x) > 1 else 0.0, len(x))
-    return out
+    return {k: mean_std([r[k] for r in per_piece]) for k in lags}
+
+
+def mean_std(x: Sequence[float]) -> Tuple[float, float, int]:
+    """(mean, sample std, n) of x: std 0 for one value, mean NaN for none."""
+    a = np.asarray(x, dtype=float)
+    return (float(a.mean()) if len(a) else float("nan"), float(a.std(ddof=1)) if len(a) > 1 else 0.0, len(a))
 
 
 def format_repetition(summary: Dict[int, Tuple[float, float, int]], digits: int = 2) -> str:

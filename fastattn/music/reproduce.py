@@ -30,8 +30,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from fastattn._io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from fastattn.music.metrics import mean_std
+from fastattn.nn import VARIANTS as _MODULE_VARIANTS
 
-VARIANTS = ("Attn", "RelAttn", "RIPO", "CirRelAttn", "CirRelAttn-H")
+VARIANTS = tuple(_MODULE_VARIANTS)
 REFERENCE = "CirRelAttn-H"
 CORPORA = ("synthetic", "pop909", "pop909-eighth")
 NEXT_BAR = ("note_f1", "pianoroll_f1", "chroma_sim", "grooving_sim", "pitch_range_sim",
@@ -212,11 +214,6 @@ def _metrics(rec: dict) -> Dict[str, float]:
     return m
 
 
-def _mean_std(x: Sequence[float]) -> tuple:
-    a = np.asarray(x, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0, len(a)
-
-
 def paired(ref: Dict[int, float], other: Dict[int, float], lower_is_better: bool) -> Optional[dict]:
     """Paired comparison on the seeds both have: d_s = other − ref (NLL) or ref − other
     (similarities), so d > 0 favours ``ref``. Returns mean d, its std over seeds, the seeds that
@@ -246,7 +243,7 @@ def report(records: Sequence[dict], reference: str = REFERENCE) -> dict:
         by_var = {v: {r["seed"]: _metrics(r) for r in rs if r["variant"] == v}
                   for v in VARIANTS if any(r["variant"] == v for r in rs)}
         keys = sorted({k for per_seed in by_var.values() for m in per_seed.values() for k in m})
-        summary = {v: {k: _mean_std([m[k] for m in per_seed.values() if k in m]) for k in keys}
+        summary = {v: {k: mean_std([m[k] for m in per_seed.values() if k in m]) for k in keys}
                    for v, per_seed in by_var.items()}
         truth = [r["rep_truth"] for r in rs]
         pairs = {}
@@ -266,7 +263,7 @@ def report(records: Sequence[dict], reference: str = REFERENCE) -> dict:
                         pairs[v][k] = p
         order = sorted(summary, key=lambda v: summary[v]["test_nll"][0])
         out[corpus] = {"variants": summary, "pairs": pairs, "order_by_test_nll": order,
-                       "rep_truth": {k: _mean_std([t[k] for t in truth]) for k in truth[0]} if truth else {},
+                       "rep_truth": {k: mean_std([t[k] for t in truth]) for k in truth[0]} if truth else {},
                        "train_windows": rs[0].get("train_windows"), "budget": rs[0]["budget"],
                        "convention": rs[0].get("convention")}
     return out
