@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fastattn.analyze.features import FeatureAccumulator, group_assignment, token_clusters
 from fastattn.analyze.subjects import NOTE_NAMES
-from fastattn.sae.stats import FrequencySummary
+from fastattn.sae.stats import FrequencySummary, model_states
 
 _JA = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff66-\uff9f]")
 _EN = re.compile(r"[A-Za-z]")
@@ -70,10 +70,7 @@ def encode_fires(model, x: Tensor) -> tuple[Tensor, Tensor]:
     if isinstance(model, BinaryAutoencoder):
         pre = model.preactivation(x)
         return pre > 0, pre
-    xs, _ = model.preprocess(x)
-    values, indices = model.encode(xs)
-    dense = torch.zeros(x.shape[0], model.n_latents).scatter_(1, indices, values)
-    return dense > 0, dense
+    return model_states(model, x)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import torch
 
 from fastattn.sae.modules import TopKSAE
 from fastattn.sae.saelens import load_saelens, save_saelens
+from fastattn.sae.stats import model_states
 
 D_IN, D_SAE, K, ROWS, SCALE = 24, 96, 6, 512, 7.0
 
@@ -157,9 +158,7 @@ TO_SAELENS: Dict[str, Callable[[int], TopKSAE]] = {
 
 
 def _active_ours(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
-    xs, _ = sae.preprocess(x)
-    values, indices = sae.encode(xs)
-    return torch.zeros(x.shape[0], sae.n_latents, dtype=torch.bool).scatter_(1, indices, values > 0)
+    return model_states(sae, x)[0]
 
 
 @torch.no_grad()
