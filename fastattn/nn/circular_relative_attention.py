@@ -36,7 +36,7 @@ TIME_MIN = 0
 OCTAVE_MIN, N_OCTAVE = -11, 22
 PITCH_MIN, N_PITCH = -127, 255
 N_PITCH_CLASS = 12
-MAX_PITCH = 127
+MAX_PITCH = _cra_terms.MAX_PITCH
 
 # Sinusoid bases. FME (Guo et al. 2022) uses 7920 for time-like and 9919 for pitch-like values;
 # the index table uses the Transformer's 10000. The authors' code uses one base per table.
@@ -714,12 +714,12 @@ class CircularRelativeAttention(nn.Module):
                                  f" D={kv_cache.head_dim}; this call has B={B}, H={H}, D={D}")
             n_before, new_coords, new_mask = len(kv_cache), coords, key_padding_mask
             kv_cache.append(k, v, key_padding_mask=key_padding_mask, **coords)
-            k, v = kv_cache.k, kv_cache.v
-            coords = {n: getattr(kv_cache, n) for n in COORDINATES}
-            key_padding_mask = kv_cache.key_padding_mask
         try:
             if kv_cache is not None:
                 out = self._decode_step(q, new_coords, new_mask, kv_cache)
+                if out is None:  # the public op over the whole cache (views made only when needed)
+                    k, v, key_padding_mask = kv_cache.k, kv_cache.v, kv_cache.key_padding_mask
+                    coords = {n: getattr(kv_cache, n) for n in COORDINATES}
             if out is None:
                 if key_padding_mask is not None:
                     # The cache hands out strided views; give the op a dense mask (kernels read it flat).

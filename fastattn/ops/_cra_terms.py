@@ -31,6 +31,7 @@ TERM_INTS = 9
 # that no difference a kernel forms can wrap.
 INT32_MAX = 2**31 - 1
 COORD_MAX = 2**30
+MAX_PITCH = 127  # MIDI
 SHIFT_MAX = 2**30 - 1
 MIN_ARGS = ("bar_min", "octave_min", "rel_index_min", "time_min", "pitch_min")
 
@@ -245,7 +246,7 @@ _OPS = {"id": 0, "div": 1, "mod": 2}
 
 def coordinate_limits(bar_res: int) -> Dict[str, tuple]:
     """Allowed values of each coordinate (the same as ``validate`` enforces)."""
-    return {"onset": (-1, COORD_MAX), "pitch": (-1, 127), "bar": (-1, COORD_MAX), "position": (-1, bar_res - 1)}
+    return {"onset": (-1, COORD_MAX), "pitch": (-1, MAX_PITCH), "bar": (-1, COORD_MAX), "position": (-1, bar_res - 1)}
 
 
 def token_channels(layout: Layout, coords: Dict[str, Tensor], B: int, L: int, device,
