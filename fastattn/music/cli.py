@@ -157,9 +157,8 @@ def _evaluate(args) -> int:
     print("next-bar test: " + ", ".join(f"{k} {v:.3f}" for k, v in s["next_bar"].items()))
     print("repetition@4/8/12: " + "/".join(f"{v:.2f}" for v in s["repetition"].values()))
     png = Path(args.out) / f"{args.name}_self_similarity.png"
-    if s["self_similarity"] is not None:
-        plot_self_similarity({args.name: np.array(s["self_similarity"])}, png)
-        print(f"self-similarity: {png}")
+    plot_self_similarity({args.name: np.array(s["continuations"].S)}, png)
+    print(f"self-similarity: {png}")
     print(f"MIDI: {', '.join(s['midi'])}\nmetrics: {Path(args.out) / (args.name + '_metrics.json')}")
     return 0
 

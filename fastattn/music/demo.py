@@ -115,10 +115,10 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
         s["minutes"] = (time.time() - t0) / 60
         results[variant] = s
         if not mats:  # the same prompts for every variant: their true windows once
-            mats["ground truth"] = s["self_similarity_truth"]
+            mats["ground truth"] = s["continuations"].S_true
             rolls["ground truth"] = s["continuations"].truth[0]
             T.write_midi(rolls["ground truth"], out / "ground_truth_0.mid")
-        mats[variant] = s["self_similarity"]
+        mats[variant] = s["continuations"].S
         rolls[variant] = s["continuations"].pieces[0]
         print(f"{variant}: done in {s['minutes']:.1f} min\n")
 

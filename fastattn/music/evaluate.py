@@ -72,10 +72,10 @@ def evaluate_model(model: MusicTransformer, corpus: WindowCorpus, out_dir, *, na
                    seed: int = 0, batch_size: int = 16, device="cpu") -> dict:
     """Test NLL, next-bar metrics and continuations of one model; writes
     ``<name>_continuation_<i>.mid``, ``<name>_prompt_<i>.mid`` and ``<name>_metrics.json`` into
-    ``out_dir``. Returns the summary dict: ``self_similarity`` / ``self_similarity_truth`` hold
-    the matrices ([16, 16] lists) of the continuations and of the true windows they continue,
-    ``repetition`` (``_std``) and ``repetition_truth`` (``_std``) rep@k at lags 4/8/12 as mean
-    (std) over them, ``continuations`` the ``repetition.Continuations``."""
+    ``out_dir``. Returns the summary dict: ``repetition`` (``_std``) and ``repetition_truth``
+    (``_std``) rep@k at lags 4/8/12 as mean (std) over the continuations and over the true
+    windows they continue, ``continuations`` the ``repetition.Continuations`` (its ``S`` /
+    ``S_true``: their [16, 16] self-similarity matrices)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"name": name, "variant": model.cfg.variant,
@@ -97,11 +97,6 @@ def evaluate_model(model: MusicTransformer, corpus: WindowCorpus, out_dir, *, na
     for key, rep in (("repetition", c.rep()), ("repetition_truth", c.rep_true())):
         summary[key] = {str(lag): m for lag, (m, _, _) in rep.items()}
         summary[key + "_std"] = {str(lag): sd for lag, (_, sd, _) in rep.items()}
-    summary["self_similarity"] = [S.tolist() for S in c.S]
-    summary["self_similarity_truth"] = [S.tolist() for S in c.S_true]
+    atomic_write_json(out / f"{name}_metrics.json", summary, indent=1)
     summary["continuations"] = c
-    atomic_write_json(out / f"{name}_metrics.json",
-                      {k: v for k, v in summary.items()
-                       if k not in ("self_similarity", "self_similarity_truth", "continuations")},
-                      indent=1)
     return summary
