@@ -10,7 +10,8 @@ Workloads (each beside its plain-attention counterpart):
 - decode: one decoding step (KV cache of --decode-Lk keys, B=2, H=8, D=32, the paper's terms)
   by the cached cpp path, and by SDPA on the same cache;
 - train: one optimizer step of a small music Transformer (the demo's: 2 layers x 128, 4 heads, dropout 0.1, batch 8,
-  --train-notes notes, note-based) with CirRelAttn-H, and with vanilla SDPA attention.
+  --train-notes notes, note-based) with CirRelAttn-H, and with vanilla SDPA attention; each at the
+  fixed thread count and with ``--threads auto``'s governor ("cpp+auto", "sdpa+auto").
 Rounds alternate idle and busy blocks (the competitor, ``python -c "while True: pass"``, runs
 only during busy blocks); each block times --steps steps; medians over blocks. The ratio
 busy/idle is the slowdown (the issue's target: at most 2.5 for decode and training steps).
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_circular_relative_attention import (Config, DECODE_STEPS, append_rows, device_name,  # noqa: E402
                                                make_inputs, versions)
+from fastattn._threads import ThreadGovernor  # noqa: E402
 
 COLUMNS = ("workload", "provider", "state", "ms", "p20", "p80", "slowdown", "threads", "device", "load1",
            "commit", "date")
@@ -60,7 +62,8 @@ def decode_workloads(args):
         cfg = Config(provider, "decode", B=2, H=8, Lq=1, Lk=args.decode_Lk, D=32)
         step = DECODE_STEPS[provider](cfg, make_inputs(cfg, requires_grad=False))
 
-        def run(step=step):
+        def run(step=step, threads=torch.get_num_threads()):
+            torch.set_num_threads(threads)  # a "+auto" training block may have lowered it
             with torch.no_grad():
                 step()
         out[("decode", provider)] = run
@@ -74,15 +77,22 @@ def train_workloads(args):
                                dropout=0.1, convention="authors")
     tok, onset, pitch = random_notes(8, args.train_notes + 1)
     out = {}
+    threads = torch.get_num_threads()
     for variant, provider in (("CirRelAttn-H", "cpp"), (SDPA, "sdpa")):
         model = build(variant, shape).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # "+auto": the training loops' --threads auto (fastattn._threads.ThreadGovernor), ticked
+        # once per step as music/sae train do; the plain rows keep the fixed count.
+        for policy in ("fixed", "auto"):
+            gov = ThreadGovernor(threads) if policy == "auto" else None
 
-        def run(model=model, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            loss_from_parts(model.loss_parts(tok[:, :-1], tok[:, 1:], **coords(onset[:, :-1], pitch[:, :-1]))).backward()
-            opt.step()
-        out[("train", provider)] = run
+            def run(model=model, opt=opt, gov=gov):
+                torch.set_num_threads(gov.tick() if gov is not None else threads)
+                opt.zero_grad(set_to_none=True)
+                loss_from_parts(model.loss_parts(tok[:, :-1], tok[:, 1:],
+                                                 **coords(onset[:, :-1], pitch[:, :-1]))).backward()
+                opt.step()
+            out[("train", provider + ("+auto" if gov is not None else ""))] = run
     return out
 
 
@@ -132,6 +142,7 @@ def main(argv=None):
                     ctx.__exit__(None, None, None)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     rows = []
+    torch.set_num_threads(meta["threads"])
     for key in fns:
         med = {s: statistics.median(times[(key, s)]) for s in ("idle", "busy")}
         for state in ("idle", "busy"):

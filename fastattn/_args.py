@@ -91,6 +91,16 @@ def int_list(lo: int = 0) -> Callable[[str], list]:
     return parse
 
 
+def threads(s: str):
+    """An argparse type: a CPU thread count N >= 1, "auto" or "auto:N" (``fastattn._threads``)."""
+    from fastattn._threads import resolve_threads
+    try:
+        fixed, adaptive = resolve_threads(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return s.strip().lower() if adaptive else fixed
+
+
 def float_list(s: str) -> list:
     """An argparse type: comma-separated finite numbers, at least one."""
     vals = [finite_float(x.strip()) for x in s.split(",") if x.strip()]

@@ -9,8 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from fastattn._threads import THREADS_HELP
 from fastattn._args import (UsageError, dropout_rate, finite_float, int_range, nonneg_float,
-                            nonneg_int, positive_float, positive_int, probability, run, seed)
+                            nonneg_int, positive_float, positive_int, probability, run, seed, threads)
 from fastattn.music.corpus import load_corpus  # (callers that imported it from here still can)
 
 PAPER_WINDOWS = {"train": 35452, "valid": 4749, "test": 4137}
@@ -87,7 +88,7 @@ def _train(args) -> int:
                      batch_size=args.batch_size, max_steps=args.steps, eval_every=args.eval_every,
                      eval_windows=args.eval_windows, patience=args.patience, seed=args.seed,
                      max_shift=args.max_shift, log_every=args.log_every, out_dir=args.out,
-                     device=args.device, progress=not args.no_progress)
+                     device=args.device, progress=not args.no_progress, threads=args.threads)
     print(f"{c.summary()}; training {mc.variant} ({mc.representation}-based) into {tc.out_dir}")
     r = train(mc, tc, c, resume=not args.fresh)
     if c.n_windows("valid") == 0:
@@ -240,6 +241,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="random transposition range (semitones)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=threads, default=None, help=THREADS_HELP)
     p.add_argument("--out", default="runs/music")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--fresh", "--no-resume", dest="fresh", action="store_true",

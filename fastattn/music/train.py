@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastattn import _io
+from fastattn._threads import thread_policy, valid_threads
 from fastattn._training import (StopRequest, check_resume, rank0_lock, rng_state,
                                 set_rng_state)
 from fastattn.music import data as D
@@ -84,6 +85,9 @@ class TrainConfig:
     """"auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", …"""
     progress: bool = True
     """Show a tqdm progress bar (rank 0 only)."""
+    threads: Optional[Union[int, str]] = None
+    """CPU threads: None leaves torch's setting; N fixes N; "auto" (or "auto:N") follows the cores
+    other processes leave free, at the cost of bit-reproducibility (``fastattn/_threads.py``)."""
 
 
 class TrainResult(NamedTuple):
@@ -260,7 +264,7 @@ def corpus_fingerprint(corpus: D.WindowCorpus) -> str:
 
 # Settings a resumed run may change: how long it runs and how it reports. Anything else (seed,
 # learning-rate schedule, batch size, validation set, …) would make the result a different run.
-RESUMABLE = ("max_steps", "patience", "log_every", "progress", "device", "out_dir")
+RESUMABLE = ("max_steps", "patience", "log_every", "progress", "device", "out_dir", "threads")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -276,7 +280,8 @@ def check_config(cfg: TrainConfig) -> None:
               ("batch_size", cfg.batch_size >= 1), ("max_steps", cfg.max_steps >= 0),
               ("eval_every", cfg.eval_every >= 1), ("eval_windows", cfg.eval_windows >= 0),
               ("patience", cfg.patience >= 0), ("max_shift", 0 <= cfg.max_shift <= 127),
-              ("seed", 0 <= cfg.seed < 2 ** 63), ("log_every", cfg.log_every >= 1)]
+              ("seed", 0 <= cfg.seed < 2 ** 63), ("log_every", cfg.log_every >= 1),
+              ("threads", valid_threads(cfg.threads))]
     for name, ok in checks:
         if not ok:
             raise ValueError(f"TrainConfig.{name} is out of range: {getattr(cfg, name)!r}")
@@ -305,11 +310,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, corpus: D.WindowCorpus, *,
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     out_dir = Path(cfg.out_dir)
-    with rank0_lock(out_dir, rank, world, device), StopRequest(world, device) as stop:
-        return _train(model_cfg, cfg, corpus, resume, rank, world, device, out_dir, stop)
+    with rank0_lock(out_dir, rank, world, device), StopRequest(world, device) as stop, \
+            thread_policy(cfg.threads) as governor:
+        return _train(model_cfg, cfg, corpus, resume, rank, world, device, out_dir, stop, governor)
 
 
-def _train(model_cfg, cfg, corpus, resume, rank, world, device, out_dir, stop) -> TrainResult:
+def _train(model_cfg, cfg, corpus, resume, rank, world, device, out_dir, stop, governor) -> TrainResult:
     last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "log.jsonl"
     has_valid = corpus.n_windows("valid") > 0
     fingerprint = corpus_fingerprint(corpus)
@@ -426,6 +432,8 @@ def _train(model_cfg, cfg, corpus, resume, rank, world, device, out_dir, stop) -
                     save(last_path)
                 stopped = "interrupted"
                 break
+            if governor is not None:
+                governor.tick()
             idx, shifts = D.batch_indices(n_train, cfg.batch_size, cfg.seed, step, cfg.max_shift)
             sl = slice(rank * per_rank, (rank + 1) * per_rank)
             batch = D.corpus_batch(corpus, "train", idx[sl], model_cfg.representation,
@@ -448,7 +456,8 @@ def _train(model_cfg, cfg, corpus, resume, rank, world, device, out_dir, stop) -
                 bar.set_postfix(loss=f"{running[-1]:.3f}", val=f"{last_val:.3f}")
             if step % cfg.log_every == 0:
                 log({"step": step, "lr": lr, "train_loss": sum(running) / len(running),
-                     "time_s": round(elapsed + time.time() - t0, 2)})
+                     "time_s": round(elapsed + time.time() - t0, 2),
+                     **({"threads": governor.threads} if governor is not None else {})})
                 running = []
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 stopped = validate_and_save()

@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from fastattn._threads import THREADS_HELP
 from fastattn._args import (UsageError, float_range, nonneg_float, nonneg_int, positive_float, positive_int,
-                            probability, run, seed)
+                            probability, run, seed, threads)
 
 BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
 
@@ -58,6 +59,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every)
     p.add_argument("--backend", choices=BACKENDS, default=d.backend)
     p.add_argument("--device", default=d.device)
+    p.add_argument("--threads", type=threads, default=d.threads, help=THREADS_HELP)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -73,7 +75,7 @@ def _config(args, **over):
                        lr_decay=args.lr_decay, batch_size=args.batch_size,
                        epochs=args.epochs, max_steps=args.max_steps, seed=args.seed, log_every=args.log_every,
                        checkpoint_every=args.checkpoint_every, backend=args.backend, device=args.device,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, threads=args.threads)
     kw.update(over)
     if kw["model"] == "topk" and kw["n_latents"] is not None and kw["k"] > kw["n_latents"]:
         raise UsageError(f"--k {kw['k']} exceeds --latents {kw['n_latents']}")

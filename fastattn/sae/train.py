@@ -24,12 +24,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from fastattn import _io
+from fastattn._threads import thread_policy, valid_threads
 from fastattn._training import (StopRequest, TrainingInterrupted, check_resume, rank0_lock,
                                 rng_state, set_rng_state)
 from fastattn.sae.modules import DEAD_TOKENS, DENSE_FREQUENCY, BinaryAutoencoder, TopKSAE, fvu
@@ -97,6 +98,9 @@ class TrainConfig:
     backend: str = "auto"
     device: str = "cpu"
     progress: bool = True
+    threads: Optional[Union[int, str]] = None
+    """CPU threads: None leaves torch's setting; N fixes N; "auto" (or "auto:N") follows the cores
+    other processes leave free, at the cost of bit-reproducibility (``fastattn/_threads.py``)."""
 
     def learning_rate(self, n_latents: int) -> float:
         if self.lr is not None:
@@ -139,7 +143,7 @@ def load_checkpoint(path: Path, fresh: str = "--fresh") -> dict:
 
 # Settings a resumed run may change: how long it runs, how it reports, where it runs.
 RESUMABLE = ("epochs", "max_steps", "log_every", "checkpoint_every", "progress", "device",
-             "backend", "out_dir")
+             "backend", "out_dir", "threads")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -159,7 +163,8 @@ def check_config(cfg: TrainConfig) -> None:
               ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1),
               ("seed", 0 <= cfg.seed < 2 ** 63), ("log_every", cfg.log_every >= 1),
               ("checkpoint_every", cfg.checkpoint_every >= 1),
-              ("dense_frequency", finite(cfg.dense_frequency) and cfg.dense_frequency <= 1)]
+              ("dense_frequency", finite(cfg.dense_frequency) and cfg.dense_frequency <= 1),
+              ("threads", valid_threads(cfg.threads))]
     for name, ok in checks:
         if not ok:
             raise ValueError(f"TrainConfig.{name} is out of range: {getattr(cfg, name)!r}")
@@ -214,11 +219,12 @@ def train(cfg: TrainConfig, store: ActivationStore, *, resume: bool = True):
     rank, world = _distributed()
     out_dir = Path(cfg.out_dir)
     dev = torch.device(cfg.device)
-    with rank0_lock(out_dir, rank, world, dev), StopRequest(world, dev) as stop:
-        return _train(cfg, store, resume, rank, world, out_dir, stop)
+    with rank0_lock(out_dir, rank, world, dev), StopRequest(world, dev) as stop, \
+            thread_policy(cfg.threads) as governor:
+        return _train(cfg, store, resume, rank, world, out_dir, stop, governor)
 
 
-def _train(cfg, store, resume, rank, world, out_dir, stop):
+def _train(cfg, store, resume, rank, world, out_dir, stop, governor):
     ckpt_path, metrics_path = out_dir / CHECKPOINT, out_dir / METRICS
     config = dataclasses.asdict(cfg)
     torch.manual_seed(cfg.seed)
@@ -298,6 +304,8 @@ def _train(cfg, store, resume, rank, world, out_dir, stop):
 
     def one_step(x):
         nonlocal step, step_in_epoch, window, window_steps
+        if governor is not None:
+            governor.tick()
         x = x.to(cfg.device)
         if cfg.model == "bae":
             off = epoch < cfg.entropy_off_epochs
