@@ -1,6 +1,7 @@
 """Activation collection: shapes, positions, BOS dropped, normalisation, resumable writing."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -148,7 +149,7 @@ def test_music_collection(tmp_path, representation):
     assert len(vocab) == (386 if representation == "note" else 224)
 
 
-def test_finished_collection_detects_truncated_and_damaged_files(tmp_path, capsys):
+def test_finished_collection_detects_truncated_and_damaged_files(tmp_path, capsys, monkeypatch):
     from fastattn._io import CorruptFile, DirLock, DirLocked
 
     ctx = tiny_contexts(420, 8)  # 60 contexts: 3 shards of 20
@@ -172,6 +173,21 @@ def test_finished_collection_detects_truncated_and_damaged_files(tmp_path, capsy
     counting = Counting(tiny_subject())
     collect(counting, ctx, tmp_path, [1, 2], "all", contexts_per_shard=20, batch_size=20, progress=False)
     assert counting.calls == 1 and shard.read_bytes() == good
+    # A shard that passed is not hashed again on the next sweep, unless it changed on disk since.
+    import fastattn.analyze.collect as C
+    hashed = []
+    real = C.hashlib.sha256
+    monkeypatch.setattr(C.hashlib, "sha256", lambda data=b"": hashed.append(1) or real(data))
+    coll = Collection(tmp_path)
+    list(coll.rows(2))
+    list(coll.rows(2))
+    assert len(hashed) == 3
+    time.sleep(0.05)  # the file system's timestamps are coarse
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptFile, match="contents differ"):
+        list(coll.rows(2))
+    shard.write_bytes(good)
+    monkeypatch.undo()
     # meta.json cut short (older versions wrote it in place): resuming rewrites the collection.
     (tmp_path / "meta.json").write_text('{"format": 1, "model"')
     with pytest.raises(CorruptFile, match="meta.json"):

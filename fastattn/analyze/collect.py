@@ -269,6 +269,7 @@ class Collection:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._verified: dict[str, tuple] = {}
         if not (self.root / META).exists():
             raise FileNotFoundError(
                 f"{self.root}: no {META} (not a collection written by `fastattn analyze collect`)"
@@ -293,11 +294,17 @@ class Collection:
         f = self.root / name
         data = f.read_bytes()
         rec = self.meta.get("files", {}).get(name)
-        if rec is not None and hashlib.sha256(data).hexdigest() != rec["sha256"]:
-            raise _io.CorruptFile(
-                f"{f}: contents differ from meta.json's SHA-256 (damaged or replaced); "
-                "run the same `fastattn analyze collect` command again to rewrite it"
-            )
+        # Analyses that sweep positions re-read every shard many times: hash a file once, and again
+        # only when its size or modification time changed since it passed.
+        st = f.stat()
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if rec is not None and self._verified.get(name) != stamp:
+            if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+                raise _io.CorruptFile(
+                    f"{f}: contents differ from meta.json's SHA-256 (damaged or replaced); "
+                    "run the same `fastattn analyze collect` command again to rewrite it"
+                )
+            self._verified[name] = stamp
         try:
             return load(data)
         except Exception as e:
