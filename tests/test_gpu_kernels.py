@@ -83,14 +83,14 @@ def test_nan_reaches_the_gradients(backend):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_attention_gpu_tiles(dtype):
+@pytest.mark.parametrize("dtype, D", [(torch.float32, 16), (torch.float32, 128), (torch.bfloat16, 16)])
+def test_triton_attention_gpu_tiles(dtype, D):
     """What a GPU runs (bench/gpu_resources.py checks its registers): the GPU tiles (fp32: 32 query
-    rows and 8 warps; 16-bit: 64-row forward tiles) and the two-pass backward, in the
-    interpreter, match the reference (forward and every gradient; several query and key tiles,
-    partial tiles, the index band across tiles)."""
+    rows and 8 warps, 16 x 16 tiles and 16-row table slices at D = 128; 16-bit: 64-row forward
+    tiles) and the two-pass backward, in the interpreter, match the reference (forward and every
+    gradient; several query and key tiles, partial tiles, the index band across tiles)."""
     from fastattn.triton._common import compile_target
-    cfg = dict(terms="all", B=1, H=1, Lq=70, Lk=101, D=16, kpm=True)
+    cfg = dict(terms="all", B=1, H=1, Lq=70, Lk=101, D=D, kpm=True)
     with compile_target(90):
         if dtype == torch.float32:
             compare("triton", dtype, **cfg)

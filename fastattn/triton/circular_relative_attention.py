@@ -516,9 +516,9 @@ class _Plan:
         # two 4-warp programs per SM there. The backward, fp32 and sm_80's D = 128 forward (whose
         # mma.sync operands live in registers) take 32 query rows, fp32 and D = 128 take 8 warps
         # (fewer registers per thread), decoding 16 query rows (8 warps only at D = 128: fp32
-        # decoding with D <= 64 spills with 8). Still spilling (the CSV lists them): fp32 with
-        # D = 128 (FMA dots hold D-long operand slices in registers) and fp32 D = 64's second
-        # backward pass (40 B).
+        # decoding with D <= 64 spills with 8). fp32 at D = 128 takes 16 x 16 tiles: its FMA dots
+        # hold D-long operand slices in registers, and 32-row tiles spilled 0.5-3 KB per thread.
+        # Still spilling (the CSV lists them): fp32's backward at D = 64 and 128 (12-44 B).
         half = table.dtype in (torch.float16, torch.bfloat16)
         cap = capability(table.device)
         if cap is None:  # the interpreter: one backward pass, tiles sized to
@@ -528,8 +528,8 @@ class _Plan:
             self.CH, self.passes, self.num_warps = 128, (0,), 4
         else:
             wide = half and not backward and (D <= 64 or cap >= 90)
-            self.BM = 16 if Lq <= 16 else (64 if wide else 32)
-            self.BN = self.CH = 32
+            self.BM = 16 if Lq <= 16 or (not half and D > 64) else (64 if wide else 32)
+            self.BN = self.CH = 16 if not half and D > 64 else 32
             self.passes = (1, 2) if self.ns else (2,)
             self.num_warps = 4 if D <= 64 and (half or Lq <= 16) else 8
         self.NIDX = triton.cdiv(self.BM + self.BN - 1, self.CH)  # slices of an index band
