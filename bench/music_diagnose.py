@@ -22,7 +22,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -134,34 +134,39 @@ def _alive(pid: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-def _load(logs: Path) -> dict:
+def _records(logs: Path) -> dict:
+    """log stem -> its records, every log of the directory read once."""
+    from fastattn._io import read_jsonl
+    return {p.stem: read_jsonl(p) for p in sorted(logs.glob("*.jsonl"))}
+
+
+def _load(logs: Path, records: Optional[dict] = None) -> dict:
     runs = {}
-    for p in sorted(logs.glob("*.jsonl")):
-        recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    for stem, recs in (records or _records(logs)).items():
         fin = [r for r in recs if r.get("final")]
         if fin:
-            runs[p.stem] = {"probes": [r for r in recs if not r.get("final")], "final": fin[-1]}
+            runs[stem] = {"probes": [r for r in recs if not r.get("final")], "final": fin[-1]}
     return runs
 
 
-def _curves_all(logs: Path) -> dict:
+def _curves_all(logs: Path, records: Optional[dict] = None) -> dict:
     """name-sSEED -> compact curve, for every log, finished or not (a run killed part-way still
     says how far it got at each step)."""
     out = {}
-    for p in sorted(logs.glob("*.jsonl")):
-        recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    for stem, recs in (records or _records(logs)).items():
         probes = [r for r in recs if "nll_per_note" in r]
         if len(probes) > 1:
-            out[p.stem] = {"curve": _summ(probes), "finished": any(r.get("final") for r in recs)}
+            out[stem] = {"curve": _summ(probes), "finished": any(r.get("final") for r in recs)}
     return out
 
 
-def matched_steps(logs: Path, at=(600, 1200), copy_level: float = 0.9) -> List[str]:
+def matched_steps(logs: Path, at=(600, 1200), copy_level: float = 0.9,
+                  records: Optional[dict] = None) -> List[str]:
     """Markdown rows: per log, NLL per note and note accuracy on notes repeated 4 bars back at
     the probe nearest below each step of ``at``, and the first step at which that accuracy
     reaches ``copy_level`` (the speed of learning to copy)."""
     rows = []
-    for stem, r in _curves_all(logs).items():
+    for stem, r in _curves_all(logs, records).items():
         c = r["curve"]
         cells = []
         for s in at:
@@ -202,7 +207,8 @@ def _summ(probes: list) -> list:
 
 
 def summary(logs: Path, out_json: Path, out_md: Path) -> None:
-    runs = _load(logs)
+    records = _records(logs)
+    runs = _load(logs, records)
     by_name: dict = {}
     for key, r in runs.items():
         by_name.setdefault(r["final"]["name"], []).append(r)
@@ -250,7 +256,7 @@ def summary(logs: Path, out_json: Path, out_md: Path) -> None:
           "probe nearest below the step; last column: first probe step at which that accuracy "
           "reaches 0.9.", "",
           "| log | last step | step 600 | step 1200 | copies ≥ 0.9 from step |",
-          "|---|---:|---:|---:|---:|", *matched_steps(logs), ""]
+          "|---|---:|---:|---:|---:|", *matched_steps(logs, records=records), ""]
     out_json.write_text(json.dumps(doc, indent=1) + "\n")
     out_md.write_text("\n".join(md))
     print("\n".join(md))
