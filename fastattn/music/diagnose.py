@@ -34,12 +34,12 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastattn._io import append_jsonl
 from fastattn.music import data as D
 from fastattn.music import tokens as T
-from fastattn.music.model import ModelConfig, MusicTransformer, loss_from_parts
+from fastattn.music.model import ModelConfig, MusicTransformer
 
 LAGS = (4, 8)
 CLASSES = ("head", "lag4", "lag8", "none")
@@ -385,9 +385,10 @@ def train_with_probes(model_cfg: ModelConfig, tc, corpus: D.WindowCorpus, ps: Pr
     ``probe_every`` steps (and at the end). Each probe record (plus ``tag``) is appended to
     ``log_path`` as a JSON line. ``tc`` is a ``TrainConfig``; checkpoints are not written.
     Returns the trained model and the records."""
-    from fastattn.music.train import _param_groups, lr_at
+    from fastattn.music.train import _LossModule, _param_groups, lr_at, optimizer_step
 
     model = build_model(model_cfg, ablation, tc.seed)
+    net = _LossModule(model)
     opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
     n_train = corpus.n_windows("train")
     records, running, t0 = [], [], time.time()
@@ -407,17 +408,7 @@ def train_with_probes(model_cfg: ModelConfig, tc, corpus: D.WindowCorpus, ps: Pr
         idx, shifts = D.batch_indices(n_train, tc.batch_size, tc.seed, step, tc.max_shift)
         batch = D.corpus_batch(corpus, "train", idx, model_cfg.representation,
                                model_cfg.max_len, shifts, model_cfg.convention)
-        lr = lr_at(step, tc)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss = loss_from_parts(model.loss_parts(batch.inputs, batch.targets, batch.onset,
-                                                batch.pitch, bar=batch.bar,
-                                                position=batch.position))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
+        _, loss = optimizer_step(net, opt, batch, step, tc)
         running.append(loss.item())
         if (step + 1) % probe_every == 0 or step + 1 == tc.max_steps:
             record(step + 1)

@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -169,6 +169,25 @@ def step_loss(net: nn.Module, batch: D.Batch, world: int) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(count)
     return loss_from_parts(parts, count) * world
+
+
+def optimizer_step(net: nn.Module, opt: torch.optim.Optimizer, batch: D.Batch, step: int,
+                   cfg: TrainConfig, world: int = 1,
+                   device: torch.device = torch.device("cpu")) -> Tuple[float, torch.Tensor]:
+    """One training step on ``batch`` (``net``: a ``_LossModule`` or DDP around one): the
+    learning rate of ``step``, forward, backward, clipping, AdamW update. Returns (lr, loss).
+    The body of :func:`train`'s loop and of ``diagnose.train_with_probes``."""
+    lr = lr_at(step, cfg)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with autocast_for(device):
+        loss = step_loss(net, batch, world)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    opt.step()
+    return lr, loss
 
 
 def _param_groups(model: nn.Module, weight_decay: float):
@@ -439,16 +458,7 @@ def _train(model_cfg, cfg, corpus, resume, rank, world, device, out_dir, stop, g
             batch = D.corpus_batch(corpus, "train", idx[sl], model_cfg.representation,
                                    model_cfg.max_len, shifts[sl],
                                    convention=model_cfg.convention).to(device)
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with autocast_for(device):
-                loss = step_loss(net, batch, world)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            lr, loss = optimizer_step(net, opt, batch, step, cfg, world, device)
             step += 1
             running.append(loss.item() / world)
             if bar is not None:
