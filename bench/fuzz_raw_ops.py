@@ -6,6 +6,7 @@
     python bench/fuzz_raw_ops.py --count 300 --asan --source /work/main   # ... of another checkout's kernels
     python bench/fuzz_raw_ops.py --asan --extension SCRATCH/lib/fastattn/_C...so # an ASan build made before
     python bench/fuzz_raw_ops.py --count 300 --extension /work/main/fastattn/_C.cpython-311-x86_64-linux-gnu.so
+    python bench/fuzz_raw_ops.py --count 0 --asan --tests          # the hostile-input tests under ASan
 
 --asan compiles csrc/fastattn.cpp and csrc/cpu/*.cpp (setup.py, FASTATTN_NO_CUDA=1) with
 -fsanitize=address into a scratch directory, puts this checkout's Python package and that
@@ -13,6 +14,10 @@ library into an overlay directory the fuzz workers import fastattn from, and run
 libasan preloaded (the interpreter is not instrumented). A sanitizer report aborts the worker:
 it counts as a crash, and the report is kept. --extension runs the Python oracle of this
 checkout against another build (e.g. the main branch's, to see what the fuzz finds there).
+--tests (with --asan) also runs the hostile-input test files (raw ops, hardening, the CUDA
+emulator) against that build; the CUDA kernels' emulator is then compiled with
+-fsanitize=address as well (FASTATTN_SANITIZE, fastattn/_cuda_emu.py), so the .cu kernels'
+host-side bounds checks and index arithmetic run instrumented too.
 Nothing under the scratch directory is committed; the summary goes to --out (JSON).
 """
 from __future__ import annotations
@@ -32,6 +37,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import raw_fuzz  # noqa: E402
 
 SO_NAME = "_C.cpython-311-x86_64-linux-gnu.so"
+ASAN_TESTS = ("tests/test_raw_ops.py", "tests/test_hardening_ops.py", "tests/test_cuda_emu.py")
 
 
 def build_asan(scratch: Path, source: Path) -> Path:
@@ -66,6 +72,8 @@ def main() -> None:
                                         "(with --asan: an ASan build made before, not rebuilt)")
     ap.add_argument("--source", default=str(REPO),
                     help="with --asan: the checkout whose C++ sources to build (the Python oracle is always this one)")
+    ap.add_argument("--tests", nargs="*", metavar="TEST_FILE", default=None,
+                    help="with --asan: run these test files too (none named: " + ", ".join(ASAN_TESTS) + ")")
     ap.add_argument("--scratch", default="/tmp/fastattn_fuzz")
     ap.add_argument("--out", help="write the summary JSON here")
     args = ap.parse_args()
@@ -85,8 +93,26 @@ def main() -> None:
         env["LD_PRELOAD"] = f"{gcc_lib('libasan.so')} {gcc_lib('libstdc++.so')}"
         # Leaks of the (uninstrumented) interpreter are not our findings; abort on the first error.
         env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1:abort_on_error=0"
+    if args.tests is not None and not args.asan:
+        ap.error("--tests needs --asan")
+    tests = None
+    if args.tests is not None:
+        t0 = time.time()
+        files = [str(REPO / f) for f in (args.tests or ASAN_TESTS)]
+        tenv = dict(env, PYTHONPATH=env["FASTATTN_FUZZ_PATH"], FASTATTN_SANITIZE="address",
+                    FASTATTN_EMU_CACHE=str(scratch / "emu"))
+        # From the overlay directory, so that the tests import the instrumented package.
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *files],
+                           cwd=env["FASTATTN_FUZZ_PATH"], env=tenv, capture_output=True, text=True)
+        out = p.stdout + p.stderr
+        tests = dict(files=[os.path.relpath(f, REPO) for f in files], exit_code=p.returncode,
+                     result=(p.stdout.strip().splitlines() or [""])[-1],
+                     sanitizer_reports=out.count("ERROR: AddressSanitizer"), seconds=round(time.time() - t0, 1))
+        print(json.dumps(tests), flush=True)
+        if p.returncode:
+            print(out[-6000:])
     results = []
-    for fam in args.families.split(","):
+    for fam in (args.families.split(",") if args.count > 0 else []):
         t0 = time.time()
         rep = raw_fuzz.run(fam, args.seed, args.count, env=env)
         s = rep.summary()
@@ -96,7 +122,7 @@ def main() -> None:
                                             "outcomes", "seconds")}), flush=True)
     total = {k: sum(r[k] for r in results) for k in ("cases", "crashes", "sanitizer_reports", "failures")}
     summary = dict(command=" ".join(["python", "bench/fuzz_raw_ops.py"] + sys.argv[1:]), build=build,
-                   total=total, families=results)
+                   total=total, families=results, tests=tests)
     print(json.dumps(total))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=1, default=str) + "\n")

@@ -49,14 +49,18 @@ def load(name: str):
         raise RuntimeError(f"CUDA emulator for {name!r} unavailable: {why}")
     from torch.utils.cpp_extension import load as jit_load
 
-    build = Path(os.environ.get("FASTATTN_EMU_CACHE", Path.home() / ".cache" / "fastattn_emu")) / name
+    # FASTATTN_SANITIZE=address: an AddressSanitizer build (bench/sanitize_raw_ops.py), kept apart.
+    sanitize = os.environ.get("FASTATTN_SANITIZE", "")
+    san = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"] if sanitize else []
+    build = Path(os.environ.get("FASTATTN_EMU_CACHE", Path.home() / ".cache" / "fastattn_emu")) / (
+        name + (f"_{sanitize.replace(',', '_')}" if sanitize else ""))
     build.mkdir(parents=True, exist_ok=True)
     try:
         return jit_load(
             name=f"fastattn_emu_{name}", sources=[str(CSRC / "emu" / f"{name}.cpp")],
             # -O1: the emulated kernels run tiny shapes; compile time matters more than speed.
-            extra_cflags=["-std=c++20", "-O1", "-pthread", "-DFASTATTN_CUDA_EMULATE", "-w"],
-            extra_ldflags=["-pthread"],
+            extra_cflags=["-std=c++20", "-O1", "-pthread", "-DFASTATTN_CUDA_EMULATE", "-w"] + san,
+            extra_ldflags=["-pthread"] + san[:1],
             extra_include_paths=[str(CSRC / "include"), str(cuda_include_dir())],
             build_directory=str(build), verbose=os.environ.get("FASTATTN_EMU_VERBOSE") == "1")
     except Exception as exc:  # compile errors arrive as RuntimeError/CalledProcessError
