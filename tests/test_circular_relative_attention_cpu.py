@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -122,7 +123,7 @@ def test_kv_storage_op():
     errors raise; a KV cache grown past 2 MiB keeps its tokens."""
     big = torch.ops.fastattn.kv_storage([1, 2, 8200, 32], torch.float32)
     assert big.shape == (1, 2, 8200, 32) and big.dtype == torch.float32 and big.is_contiguous()
-    assert big.data_ptr() % (2 << 20) == 0 and not big.any()
+    assert (big.data_ptr() % (2 << 20) == 0 or sys.platform != "linux") and not big.any()
     big.fill_(3.0)
     assert big.sum().item() == 3.0 * big.numel()
     small = torch.ops.fastattn.kv_storage([3, 0, 5], torch.float64)
@@ -136,7 +137,7 @@ def test_kv_storage_op():
     with torch.no_grad():
         cache.append(k[:, :, :3000], v[:, :, :3000])
         cache.append(k[:, :, 3000:], v[:, :, 3000:])  # 4000 -> 9000 tokens: 2.3 MB buffers
-    assert cache.capacity == 9000 and cache._k.data_ptr() % (2 << 20) == 0
+    assert cache.capacity == 9000 and (cache._k.data_ptr() % (2 << 20) == 0 or sys.platform != "linux")
     assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
 
 

@@ -21,7 +21,9 @@
 #include <limits>
 #include <vector>
 
+#if defined(__linux__)
 #include <sys/mman.h>
+#endif
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -467,6 +469,7 @@ at::Tensor kv_storage(at::IntArrayRef size, at::ScalarType dtype) {
     numel *= s;
   }
   const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr int64_t HUGE_PAGE = 2 << 20;
   const int64_t bytes = numel * (int64_t)c10::elementSize(dtype);
   if (bytes < HUGE_PAGE) return at::zeros(size, options);
@@ -477,6 +480,9 @@ at::Tensor kv_storage(at::IntArrayRef size, at::ScalarType dtype) {
   madvise(ptr, alloc, MADV_HUGEPAGE);  // a hint: failure (THP off) only means 4 KiB pages
   std::memset(ptr, 0, bytes);
   return at::from_blob(ptr, size, [](void* p) { std::free(p); }, options);
+#else
+  return at::zeros(size, options);  // no transparent huge pages to ask for
+#endif
 }
 
 }  // namespace
