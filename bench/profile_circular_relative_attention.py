@@ -5,6 +5,7 @@
     python bench/profile_circular_relative_attention.py --label after --out bench/results/profile_circular_relative_attention.csv
     python bench/profile_circular_relative_attention.py --report bench/results/profile_circular_relative_attention.csv
     python bench/profile_circular_relative_attention.py --decode --L 4096 --time-modes quotient   # decoding steps
+    python bench/profile_circular_relative_attention.py --decode --cold --L 4096   # ... each from cold caches
 
 Runs forward+backward of the benchmark's configuration (B=2, H=8, D=32, causal, index + time +
 pitch, Hadamard, paper tables; bench_circular_relative_attention.make_inputs) with the kernels'
@@ -46,6 +47,10 @@ def parse_args(argv=None):
                    help="profile decoding steps instead (B=2, one query over L keys through a KV cache: the "
                         "benchmark's cached cpp path; 'total' is the whole step, 'sdpa' SDPA's step on the same "
                         "cache; --repeats x 100 steps)")
+    p.add_argument("--cold", action="store_true",
+                   help="decoding: read a 64 MiB buffer before every step (outside the timing), so that each "
+                        "step starts from cold caches as in bench_targets' rotation of contenders (mode "
+                        "'decode-cold')")
     p.add_argument("--checkout", type=Path, default=REPO, help="built fastattn checkout to profile")
     p.add_argument("--label", default="", help="free text stored with the rows (e.g. before/after)")
     p.add_argument("--out", type=Path, default=None, help="CSV to append rows to")
@@ -137,19 +142,23 @@ def main(argv=None):
         print(f"\n{len(rows)} rows appended to {args.out}")
 
 
-def profiled_phases(cpp, sdpa, n: int) -> dict:
+def profiled_phases(cpp, sdpa, n: int, before=None) -> dict:
     """ms of CPU per call: the cpp kernel's phases (profiled over n calls), their sum, the median
-    call of cpp and of sdpa (timed after profiling stops, so the hooks cost sdpa nothing)."""
+    call of cpp and of sdpa (timed after profiling stops, so the hooks cost sdpa nothing).
+    ``before()``, when given, runs untimed before every call."""
     import torch
     profile = torch.ops.fastattn.cra_cpu_profile
+    before = before or (lambda: None)
     totals, sdpas = [], []
     profile(True)
     for _ in range(n):
+        before()
         t0 = time.process_time()
         cpp()
         totals.append(time.process_time() - t0)
     secs, names = profile(False)
     for _ in range(n):
+        before()
         t0 = time.process_time()
         sdpa()
         sdpas.append(time.process_time() - t0)
@@ -168,14 +177,19 @@ def profile_decode(Lk: int, mode: str, args, meta: dict) -> list:
     for provider in ("cpp", "sdpa"):
         cfg = Config(provider, "decode", B=2, H=8, Lq=1, Lk=Lk, D=32, time_mode=mode)
         steps[provider] = DECODE_STEPS[provider](cfg, make_inputs(cfg, False))
+    evict = None
+    if args.cold:
+        junk = torch.ones(16 << 20)  # 64 MiB: twice the L3 of the machine we measure on
+        evict = junk.sum
     with torch.no_grad():
         steps["cpp"](), steps["sdpa"]()
-        phases = profiled_phases(steps["cpp"], steps["sdpa"], 100 * args.repeats)
-    print(f"\ndecode Lk={Lk} time_mode={mode} (ms of CPU per step, {args.threads} thread(s))")
+        phases = profiled_phases(steps["cpp"], steps["sdpa"], (20 if args.cold else 100) * args.repeats, evict)
+    kind = "decode-cold" if args.cold else "decode"
+    print(f"\n{kind} Lk={Lk} time_mode={mode} (ms of CPU per step, {args.threads} thread(s))")
     for name, ms in phases.items():
         print(f"  {name:<11}{ms:9.3f}")
     return [{**meta, "time_mode": mode, "B": 2, "H": 8, "L": Lk, "D": 32, "phase": name, "ms": f"{ms:.4f}",
-             "mode": "decode"} for name, ms in phases.items()]
+             "mode": kind} for name, ms in phases.items()]
 
 
 if __name__ == "__main__":

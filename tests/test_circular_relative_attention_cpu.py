@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -99,6 +100,45 @@ def test_coordinate_channels_op():
         torch.ops.fastattn.coordinate_channels([onset, pitch + 1], spec, 1, 5, [-1, -1], [2**30, 127], ["onset", "pitch"])
     with pytest.raises(ValueError, match="onset has values below -1"):
         torch.ops.fastattn.coordinate_channels([onset - 1, pitch], spec, 1, 5, [-1, -1], [2**30, 127], ["onset", "pitch"])
+
+
+
+def test_decode_op_reused_scores_buffer_has_no_stale_values():
+    """The q·E buffer is kept between calls and only its unwritten columns are zeroed: a call
+    with many finite scores, then one whose keys miss coordinates (they read the zero column)
+    and whose index rows start elsewhere, still equals the training op."""
+    for i, (Lk, terms) in enumerate([(900, "all"), (40, "all"), (900, "direct"), (7, "fields"), (129, "all")]):
+        q, k, v, onset, pitch, kw, _ = make_problem(B=2, H=2, Lq=1, Lk=Lk, D=32, terms=terms, grad=False, seed=10 + i)
+        q = q * 50  # large q·E products left behind for the next call
+        if i % 2:
+            onset[:, ::3], pitch[:, 1::4] = -1, -1
+        asm = assemble(q, Lk, onset, pitch, kw)
+        want, _ = torch.ops.fastattn.circular_relative_attention(q, k, v, asm.table, asm.coords, asm.terms, 1.0, 0.02,
+                                                                 True, None, 0.0, 0)
+        assert_close(f"call {i}", decode_op(q, k, v, asm, 1.0, 0.02, True, None), want, 2e-5)
+
+
+def test_kv_storage_op():
+    """KV-cache storage: zeroed, 2 MiB aligned from 2 MiB on (huge pages), plain below; argument
+    errors raise; a KV cache grown past 2 MiB keeps its tokens."""
+    big = torch.ops.fastattn.kv_storage([1, 2, 8200, 32], torch.float32)
+    assert big.shape == (1, 2, 8200, 32) and big.dtype == torch.float32 and big.is_contiguous()
+    assert (big.data_ptr() % (2 << 20) == 0 or sys.platform != "linux") and not big.any()
+    big.fill_(3.0)
+    assert big.sum().item() == 3.0 * big.numel()
+    small = torch.ops.fastattn.kv_storage([3, 0, 5], torch.float64)
+    assert small.shape == (3, 0, 5) and small.dtype == torch.float64
+    for size, dtype, match in [([2, -1], torch.float32, "sizes must be >= 0"), ([4], torch.int32, "floating"),
+                               ([2**40, 2**40], torch.float32, "too large")]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.fastattn.kv_storage(size, dtype)
+    cache = KVCache(1, 2, 32, capacity=4000)
+    k, v = torch.randn(1, 2, 9000, 32), torch.randn(1, 2, 9000, 32)
+    with torch.no_grad():
+        cache.append(k[:, :, :3000], v[:, :, :3000])
+        cache.append(k[:, :, 3000:], v[:, :, 3000:])  # 4000 -> 9000 tokens: 2.3 MB buffers
+    assert cache.capacity == 9000 and (cache._k.data_ptr() % (2 << 20) == 0 or sys.platform != "linux")
+    assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
 
 
 # ------------------------------------------------------------------- the cached decoding path

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from fastattn import _ext
 from fastattn.backends import BACKENDS
 from fastattn.ops import _cra_terms
 from fastattn.ops.circular_relative_attention import cached_decode, circular_relative_attention
@@ -127,6 +128,15 @@ def mirror_pitch(pitch: Tensor) -> Tensor:
     return torch.where((pitch >= 0) & (pitch <= MAX_PITCH), MAX_PITCH - pitch, pitch)
 
 
+def _kv_buffer(shape, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Zeroed K/V storage: on the CPU from the extension's ``kv_storage`` (huge pages for
+    buffers of 2 MiB or more: a decoding step streams the whole cache, and with 4 KiB pages a
+    cache-cold step spent a fifth of its reading on page walks)."""
+    if device.type == "cpu" and dtype.is_floating_point and _ext.extension() is not None:
+        return torch.ops.fastattn.kv_storage(list(shape), dtype)
+    return torch.zeros(shape, device=device, dtype=dtype)
+
+
 class KVCache:
     """Keys, values and per-token coordinates of the tokens decoded so far.
 
@@ -177,8 +187,7 @@ class KVCache:
     # ----------------------------------------------------------------------------------------
     def _allocate(self, device: torch.device, dtype: torch.dtype) -> None:
         shape = (self.batch_size, self.num_heads, self._capacity, self.head_dim)
-        self._k = torch.zeros(shape, device=device, dtype=dtype)
-        self._v = torch.zeros(shape, device=device, dtype=dtype)
+        self._k, self._v = _kv_buffer(shape, device, dtype), _kv_buffer(shape, device, dtype)
 
     def _grow(self, needed: int) -> None:
         """Make room for ``needed`` tokens in total: double the capacity (at least)."""
@@ -192,7 +201,7 @@ class KVCache:
                 return None
             shape = list(t.shape)
             shape[seq_dim] = new_cap
-            out = t.new_zeros(shape)
+            out = _kv_buffer(shape, t.device, t.dtype) if t.dim() == 4 else t.new_zeros(shape)
             out.narrow(seq_dim, 0, n).copy_(t.narrow(seq_dim, 0, n))
             return out
 
@@ -330,6 +339,11 @@ class KVCache:
     def v(self) -> Optional[Tensor]:
         """Cached values [B, H, Lk, D] (None before the first append)."""
         return None if self._v is None else self._v[:, :, :self._len]
+
+    def stores(self, name: str) -> bool:
+        """Whether the cached tokens carry coordinate ``name`` (onset, pitch, bar, position,
+        key_padding_mask); the same as ``getattr(cache, name) is not None`` without the view."""
+        return bool(self._has.get(name))
 
     def _coord(self, name: str) -> Optional[Tensor]:
         if not self._has.get(name):

@@ -10,6 +10,8 @@ the factors. The layout must match ``csrc/include/cra_common.h``.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 import numbers
 from typing import Callable, Dict, List, NamedTuple, Optional
@@ -249,6 +251,17 @@ def coordinate_limits(bar_res: int) -> Dict[str, tuple]:
     return {"onset": (-1, COORD_MAX), "pitch": (-1, MAX_PITCH), "bar": (-1, COORD_MAX), "position": (-1, bar_res - 1)}
 
 
+@functools.lru_cache(maxsize=64)
+def _channel_spec(channels: tuple, limits: tuple) -> tuple:
+    """(coordinate names, spec, lo, hi) of ``coordinate_channels`` for these channels and limits
+    ((name, (lo, hi)) pairs; none: unchecked), remembered: a decoding step converts one token."""
+    names = list(dict.fromkeys(ch.coord for ch in channels))
+    lims = dict(limits)
+    lims = [lims[n] if lims else (-2**62, 2**62) for n in names]
+    spec = [x for ch in channels for x in (names.index(ch.coord), _OPS[ch.op], ch.period, ch.step)]
+    return names, spec, [lo for lo, _ in lims], [hi for _, hi in lims]
+
+
 def token_channels(layout: Layout, coords: Dict[str, Tensor], B: int, L: int, device,
                    limits: Optional[Dict[str, tuple]] = None) -> Tensor:
     """int32 [B, C, L]: the layout's channels for tokens whose coordinates are ``coords``
@@ -256,12 +269,11 @@ def token_channels(layout: Layout, coords: Dict[str, Tensor], B: int, L: int, de
     (name -> (lo, hi)) the coordinates read are checked to lie in range (ValueError)."""
     if not layout.channels:
         return torch.zeros(B, 0, L, dtype=torch.int32, device=device)
+    if torch.device(device).type == "cpu" and _ext.extension() is not None and not torch.compiler.is_compiling():
+        names, spec, lo, hi = _channel_spec(tuple(layout.channels), tuple(limits.items()) if limits else ())
+        return torch.ops.fastattn.coordinate_channels([coords[n] for n in names], spec, B, L, lo, hi, names)
     names = layout.coordinates
     lims = [limits[n] if limits else (-2**62, 2**62) for n in names]
-    if torch.device(device).type == "cpu" and _ext.extension() is not None and not torch.compiler.is_compiling():
-        spec = [x for ch in layout.channels for x in (names.index(ch.coord), _OPS[ch.op], ch.period, ch.step)]
-        return torch.ops.fastattn.coordinate_channels([coords[n] for n in names], spec, B, L, [lo for lo, _ in lims],
-                                                      [hi for _, hi in lims], names)
     if limits and L > 0:
         for n, (lo, hi) in zip(names, lims):
             t_min, t_max = torch.aminmax(coords[n])
@@ -443,7 +455,8 @@ def cached(key: tuple, sources: List[Tensor], build: Callable[[], dict]) -> dict
     if not cacheable(sources):
         return build()
     key = key + tuple((tuple(t.shape), t.dtype, t.device) for t in sources)
-    for i, e in enumerate(_TABLE_CACHE):
+    for i in range(len(_TABLE_CACHE) - 1, -1, -1):  # most recent first: a decoding step hits the last
+        e = _TABLE_CACHE[i]
         if e.key == key and same_content(sources, e.snapshots):
             _TABLE_CACHE.append(_TABLE_CACHE.pop(i))
             return e.value

@@ -132,13 +132,13 @@ def cached_decode(q: Tensor, cache, new_coords: dict, kw: dict, *, combine: str,
     """
     if q.shape[2] > DECODE_MAX_LQ or torch.compiler.is_compiling() or _selected(backend, q) != "cpp":
         return None
-    if not _cra_terms.cacheable([kw[n] for n in _cra_terms.TABLE_ARGS if kw[n] is not None] + [q]):
-        return None
     lay = _cra_terms.layout(kw, combine, time_mode, q.shape[1])
-    read = lay.coordinates  # each coordinate once: reading one off the cache slices a tensor
+    if not _cra_terms.cacheable(lay.sources + [q]):
+        return None
+    read = lay.coordinates
     if any(new_coords.get(name) is None for name in read):
         return None  # the op's own checks name the missing coordinate
-    if op_coordinates is None and any(getattr(cache, name, None) is None for name in read):
+    if op_coordinates is None and not all(cache.stores(name) for name in read):
         return None  # the cache does not store a coordinate these terms read
     convert_key, convert = op_coordinates if op_coordinates is not None else (None, lambda c: c)
 
