@@ -11,7 +11,6 @@ the factors. The layout must match ``csrc/include/cra_common.h``.
 from __future__ import annotations
 
 import functools
-
 import math
 import numbers
 from typing import Callable, Dict, List, NamedTuple, Optional
