@@ -374,6 +374,9 @@ BAD = {
     "time_mode": (dict(time_mode="bars"), ValueError, "time_mode must be"),
     "backend": (dict(backend="fast"), ValueError, "backend must be"),
     "dropout": (dict(dropout_p=1.0), ValueError, "dropout_p must be"),
+    "dropout seed 2**32": (dict(dropout_p=0.1, dropout_seed=2 ** 32), ValueError, "dropout_seed must be an integer in [0, 2**32)"),
+    "dropout seed -1": (dict(dropout_p=0.1, dropout_seed=-1), ValueError, "dropout_seed must be"),
+    "dropout seed float": (dict(dropout_p=0.1, dropout_seed=1.5), ValueError, "dropout_seed must be"),
     "bar_res": (dict(bar_res=0), ValueError, "bar_res must be"),
     "fields need coords": (dict(time_mode="fields"), ValueError, "pos_table must have 95"),
 }

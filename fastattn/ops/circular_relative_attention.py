@@ -8,6 +8,7 @@ and the public function that validates, picks a backend, and assembles the term 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -201,7 +202,7 @@ def circular_relative_attention(
     logits = scale · (q·k + alpha · (S_idx + S_time + S_pitch)); ``causal`` and
     ``key_padding_mask`` [B, Lk] (True = excluded) remove keys; rows with no key give zeros.
     ``dropout_p`` > 0 applies attention dropout with a counter-based mask chosen by
-    ``dropout_seed`` (drawn from torch's generator when None).
+    ``dropout_seed``, an integer in [0, 2³²) (drawn from torch's generator when None).
     """
     kw = dict(rel_index_table=rel_index_table, bar_table=bar_table, pos_table=pos_table,
               octave_table=octave_table, pitch_class_table=pitch_class_table,
@@ -212,6 +213,10 @@ def circular_relative_attention(
                         scale, dropout_p, check_values=not torch.compiler.is_compiling())
     name = select(OP, backend, q, REASONS)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, numbers.Integral)
+                                     or not 0 <= dropout_seed < 2 ** 32):
+        # Every backend hashes a 32-bit seed: 2**32 + s would silently repeat s's masks.
+        raise ValueError(f"dropout_seed must be an integer in [0, 2**32), got {dropout_seed!r}")
     seed = 0 if dropout_p == 0.0 else (new_seed() if dropout_seed is None else int(dropout_seed))
     if name == "reference":
         return _reference_op(
