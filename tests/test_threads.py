@@ -162,3 +162,17 @@ def test_music_training_with_auto_threads_logs_them_and_resumes_at_a_fixed_count
     # How many threads a run uses may change on resume (it is where it runs, not what it computes).
     r = train(mc, TrainConfig(max_steps=3, threads=1, **base), corpus)
     assert r.step == 3 and torch.get_num_threads() == before
+
+
+def test_sae_training_ticks_the_governor_once_per_step(tmp_path, monkeypatch):
+    from fastattn.sae.stores import TensorStore
+    from fastattn.sae.train import TrainConfig, train
+
+    ticks = []
+    real = ThreadGovernor.tick
+    monkeypatch.setattr(ThreadGovernor, "tick", lambda self: ticks.append(1) or real(self))
+    before = torch.get_num_threads()
+    x = torch.randn(300, 8)
+    train(TrainConfig(model="topk", n_latents=16, k=2, max_steps=3, batch_size=100, progress=False,
+                      threads="auto", out_dir=str(tmp_path)), TensorStore(x), resume=False)
+    assert len(ticks) == 3 and torch.get_num_threads() == before
