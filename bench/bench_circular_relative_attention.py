@@ -588,6 +588,27 @@ def versions() -> dict:
     return {"torch": torch.__version__, "triton": triton, "commit": commit}
 
 
+def interleave(contenders: dict, rounds: int, clock: str, max_seconds: float = math.inf,
+               warmup: int = 1) -> dict:
+    """name -> [ms per run]: one run of each contender per round, round-robin, so that load from
+    other processes falls on all of them alike (``clock`` "cpu": process CPU time); after
+    ``warmup`` untimed rounds; at least 3 rounds, then stops once ``max_seconds`` have passed."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    times = {n: [] for n in contenders}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in contenders.items():
+            t0 = now()
+            fn()
+            times[name].append((now() - t0) * 1e3)
+        if r >= 2 and time.perf_counter() - start > max_seconds:
+            break
+    return times
+
+
 def append_rows(path: Path, rows, columns=CSV_COLUMNS) -> None:
     """Append dict rows to a long-format CSV, writing the header for a new file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ from fastattn.music.model import ModelConfig, MusicTransformer, loss_from_parts 
 from fastattn.nn import VARIANTS  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from bench_circular_relative_attention import append_rows, device_name, versions  # noqa: E402
+from bench_circular_relative_attention import append_rows, device_name, interleave, versions  # noqa: E402
 
 COLUMNS = ("variant", "what", "layers", "width", "heads", "batch", "notes", "dropout", "convention", "value", "unit", "ms",
            "device", "threads", "load1", "clock", "commit", "date")
@@ -123,19 +123,9 @@ def training_step(model, args):
 
 
 def time_training(models: dict, args) -> dict:
-    """variant -> [ms per step]: the variants' steps interleaved round-robin (one step of each
-    per round), so that load from other processes falls on all of them alike."""
-    steps = {v: training_step(m, args) for v, m in models.items()}
-    for _ in range(args.warmup):
-        for step in steps.values():
-            step()
-    times = {v: [] for v in steps}
-    for _ in range(args.steps):
-        for v, step in steps.items():
-            t0 = now(args)
-            step()
-            times[v].append((now(args) - t0) * 1e3)
-    return times
+    """variant -> [ms per step]: the variants' steps interleaved round-robin."""
+    return interleave({v: training_step(m, args) for v, m in models.items()}, args.steps, args.clock,
+                      warmup=args.warmup)
 
 
 @torch.no_grad()

@@ -26,7 +26,6 @@ import datetime
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_circular_relative_attention import (DECODE_STEPS, PROVIDERS, Config, _runner, append_rows,  # noqa: E402
-                                               device_name, make_inputs, versions)
+                                               device_name, interleave, make_inputs, versions)
 
 COLUMNS = ("group", "contender", "ms", "p20", "p80", "rounds", "target", "ratio", "met", "threads", "clock",
            "device", "load1", "commit", "date")
@@ -66,23 +65,6 @@ def fwd_bwd(provider: str, L: int, time_mode: str = "quotient"):
     first, again = _runner("fwd_bwd", *PROVIDERS[provider](cfg, inp), inp)
     first()
     return again
-
-
-def interleave(contenders: dict, rounds: int, clock: str, max_seconds: float) -> dict:
-    """name -> [ms per run]: one run of each contender per round, round-robin."""
-    now = time.process_time if clock == "cpu" else time.perf_counter
-    for fn in contenders.values():  # warm-up
-        fn()
-    times = {n: [] for n in contenders}
-    start = time.perf_counter()
-    for r in range(rounds):
-        for name, fn in contenders.items():
-            t0 = now()
-            fn()
-            times[name].append((now() - t0) * 1e3)
-        if r >= 2 and time.perf_counter() - start > max_seconds:
-            break
-    return times
 
 
 def groups(args):
