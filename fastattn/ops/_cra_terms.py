@@ -502,12 +502,13 @@ def tables(lay: Layout, q: Tensor, transposed: bool = False, on_build: Optional[
 
 
 def assemble(q: Tensor, Lk: int, onset, pitch, kw: dict, combine: str, time_mode: str,
-             shrink: bool = False) -> Assembled:
+             shrink: bool = False, transposed: bool = False) -> Assembled:
     """Build the concatenated table, coordinate channels and term integers for the kernels.
     The table is reused across calls with the same tables when no gradient is needed. With
-    ``shrink`` the decomposed terms keep only the rows these coordinates reach (``layout``)."""
+    ``shrink`` the decomposed terms keep only the rows these coordinates reach (``layout``);
+    ``transposed``: the table as the decoding op takes it ([Ht, D, N], ``tables``)."""
     B, H = q.shape[:2]
     coords = {"onset": onset, "pitch": pitch, "bar": kw["bar"], "position": kw["position"]}
     lay = layout(kw, combine, time_mode, H, coords if shrink else None)
-    table = tables(lay, q)["table"]
+    table = tables(lay, q, transposed)["table_t" if transposed else "table"]
     return Assembled(table, token_channels(lay, coords, B, Lk, q.device), lay.terms)

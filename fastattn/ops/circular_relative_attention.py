@@ -224,11 +224,8 @@ def circular_relative_attention(
             key_padding_mask=key_padding_mask, dropout_p=dropout_p, dropout_seed=seed,
             time_mode=time_mode, combine=combine, **kw)
     if name == "cpp" and _decoding(q, k, v, kw, dropout_p):
-        lay = _cra_terms.layout(kw, combine, time_mode, q.shape[1])
-        coords = _cra_terms.token_channels(lay, {"onset": onset, "pitch": pitch, "bar": kw["bar"],
-                                                 "position": kw["position"]}, q.shape[0], k.shape[2], q.device)
-        return decode_op(q, k, v, _cra_terms.tables(lay, q, transposed=True)["table_t"], coords, lay.terms,
-                         alpha, scale, causal, key_padding_mask)
+        asm = _cra_terms.assemble(q, k.shape[2], onset, pitch, kw, combine, time_mode, transposed=True)
+        return decode_op(q, k, v, asm.table, asm.coords, asm.terms, alpha, scale, causal, key_padding_mask)
     shrink = name == "cpp" and q.shape[2] >= SHRINK_MIN_LQ
     asm = _cra_terms.assemble(q, k.shape[2], onset, pitch, kw, combine, time_mode, shrink=shrink)
     op = torch.ops.fastattn.circular_relative_attention
