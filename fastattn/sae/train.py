@@ -36,7 +36,7 @@ from fastattn.sae.modules import DEAD_TOKENS, DENSE_FREQUENCY, BinaryAutoencoder
 from fastattn.sae.stores import ActivationStore
 
 CHECKPOINT = "checkpoint.pt"
-INIT_SAMPLE_ROWS = 4096  # rows for the initialisation statistics (TopK b_pre, BAE input centre)
+INIT_SAMPLE_ROWS = 4096  # rows for the TopK initialisation statistics (b_pre, encoder scale)
 METRICS = "metrics.jsonl"
 
 
@@ -71,8 +71,10 @@ class TrainConfig:
     alpha_cov: float = 1e-7
     """BAE: α_c, weight of Σ_{i≠j} |C_ij|."""
     bae_center: str = "mean"
-    """BAE: before step 0, the encoder's input centre from the first INIT_SAMPLE_ROWS rows ("mean";
-    "none" = the authors' uncentred encoder). See BinaryAutoencoder."""
+    """BAE: before step 0, the encoder's input centre (and the decoder's bias) at the mean of every
+    training row, one streamed pass ("mean"; "none" = the authors' uncentred model). Exact, not
+    a sample's: every epoch's batches then average to zero input, and no constant residue of the
+    centre is left for Adam to amplify into a steady drift of the encoder (BinaryAutoencoder)."""
     entropy_off_epochs: int = 0
     """BAE: epochs at the start with α_e = 0 (the authors: 500 of 2000)."""
     cov_off_too: bool = False
@@ -255,7 +257,7 @@ def _train(cfg, store, resume, rank, world, out_dir, stop):
         model.set_decoder_norm_to_unit_norm()
         model.init_from_data(init_sample(store, cfg), b_pre=cfg.init_b_pre, scale=cfg.init_scale)
     elif step == 0:
-        model.init_from_data(init_sample(store, cfg), center=cfg.bae_center)
+        model.set_center(store.mean() if cfg.bae_center == "mean" else None)
     wrapped = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
