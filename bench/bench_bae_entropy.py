@@ -74,7 +74,7 @@ def input_label(r: dict) -> str:
     if r.get("bae_center") != "mean":
         return "uncentred"
     # rows without "center_rule" predate centring the output too, at the exact training mean
-    return "centred (training mean, in and out)" if r.get("center_rule") else "centred (4,096-row mean, input only)"
+    return f"centred ({r.get('center_rule', '4,096-row mean, input only')})"
 
 
 def markdown(rows: list) -> str:
