@@ -14,7 +14,7 @@ same without the entropy and covariance losses (the paper's red points: more bit
 estimate Σ_j h2(p_j) over all 65,536 samples, the held-out FVU of the model, and the held-out FVU of
 a least-squares decoder refitted on the training codes (≈ 0 when the code is lossless).
 Options for the convergence study (each changes the row's command): --cov-off-too (α_c = 0 with α_e),
---lr-decay F, --entropy-off E, --batch-size B, --alpha-cov.
+--lr-decay F, --entropy-off E, --batch-size B, --alpha-cov, --weight-decay W.
 Writes --out.json and --out.md (appending to existing rows unless --fresh).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run(rank: int, ste: str, epochs: int, alpha: float, alpha_cov: float, losses: bool, center: str, seed: int,
         out_dir: str, cov_off_too: bool = False, lr_decay: float = 0.0, entropy_off=None,
-        batch_size: int = 512) -> dict:
+        batch_size: int = 512, weight_decay: float = 0.0) -> dict:
     cmd = [sys.executable, "-m", "fastattn", "sae", "entropy-bench", "--rank", str(rank), "--dim", "64",
            "--epochs", str(epochs), "--ste", ste, "--alpha-entropy", str(alpha), "--alpha-cov", str(alpha_cov),
            "--bae-center", center, "--seed", str(seed), "--no-progress", "--log-every", "1000000",
@@ -49,6 +49,9 @@ def run(rank: int, ste: str, epochs: int, alpha: float, alpha_cov: float, losses
     if entropy_off is not None:
         cmd += ["--entropy-off-epochs", str(entropy_off)]
         cmd[cmd.index("--out-dir") + 1] += f"_off{entropy_off}"
+    if weight_decay:
+        cmd += ["--weight-decay", str(weight_decay)]
+        cmd[cmd.index("--out-dir") + 1] += f"_wd{weight_decay}"
     if lr_decay:
         cmd += ["--lr-decay", str(lr_decay)]
         cmd[cmd.index("--out-dir") + 1] += f"_decay{lr_decay}"
@@ -87,7 +90,8 @@ def markdown(rows: list) -> str:
             continue
         lines.append(f"| {r['rank']} | {r['ste']} | {input_label(r)} | "
                      f"{r['alpha_entropy']:g} / {r['alpha_cov']:g}{' (α_c off too)' if r.get('cov_off_too') else ''}"
-                     f"{', lr decay ' + format(r['lr_decay'], 'g') if r.get('lr_decay') else ''} | "
+                     f"{', lr decay ' + format(r['lr_decay'], 'g') if r.get('lr_decay') else ''}"
+                     f"{', weight decay ' + format(r['weight_decay'], 'g') if r.get('weight_decay') else ''} | "
                      f"{r['epochs']}{off_note(r)} | {r.get('seed', 0)} | {r['estimated_bits']:.2f} | "
                      f"{r['ratio']:.3f} | {r['test_fvu']:.2e} | {r['test_fvu_refit']:.1e} |")
     return "\n".join(lines) + "\n"
@@ -104,6 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--entropy-off", type=int, default=None, help="epochs with α_e = 0 (default: a quarter)")
     p.add_argument("--lr-decay", type=float, default=0.0, help="last fraction of the run with lr -> 0 linearly")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam's coupled weight decay (the authors')")
     p.add_argument("--cov-off-too", action="store_true", help="α_c = 0 too in the first quarter (not the authors')")
     p.add_argument("--no-losses-rows", action="store_true", help="also run every rank with α_e = α_c = 0")
     p.add_argument("--only-no-losses", action="store_true")
@@ -124,7 +129,7 @@ def main(argv=None) -> int:
         new = list(ex.map(lambda t: run(t[0], t[1], args.epochs, args.alpha, a_c, t[2], args.center, t[3],
                                         args.run_dir, args.cov_off_too,
                                         args.lr_decay, args.entropy_off,
-                                        args.batch_size), plan))
+                                        args.batch_size, args.weight_decay), plan))
     out = Path(args.out)
     old = [] if args.fresh or not out.with_suffix(".json").exists() else \
         json.loads(out.with_suffix(".json").read_text())["rows"]

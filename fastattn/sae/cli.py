@@ -50,6 +50,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=positive_float, default=None)
     p.add_argument("--lr-decay", type=float_range(0.0, 1.0), default=d.lr_decay,
                    help="fraction of the run at its end with the lr falling linearly to 0 (0: constant)")
+    p.add_argument("--weight-decay", type=nonneg_float, default=d.weight_decay,
+                   help="Adam's (coupled) weight decay on every parameter, as the authors' --weight_decay")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--epochs", type=positive_int, default=d.epochs)
     p.add_argument("--max-steps", type=positive_int, default=None)
@@ -70,7 +72,7 @@ def _config(args, **over):
                        ste=args.ste,
                        recon=args.recon, alpha_entropy=args.alpha_entropy, alpha_cov=args.alpha_cov,
                        entropy_off_epochs=args.entropy_off_epochs, cov_off_too=args.cov_off_too, lr=args.lr,
-                       lr_decay=args.lr_decay, batch_size=args.batch_size,
+                       lr_decay=args.lr_decay, weight_decay=args.weight_decay, batch_size=args.batch_size,
                        epochs=args.epochs, max_steps=args.max_steps, seed=args.seed, log_every=args.log_every,
                        checkpoint_every=args.checkpoint_every, backend=args.backend, device=args.device,
                        progress=not args.no_progress)
@@ -124,7 +126,7 @@ def cmd_entropy_bench(args) -> int:
         "rank": args.rank, "dim": args.dim, "d_hidden": model.d_hidden, "epochs": args.epochs,
         "losses": not args.no_losses, "alpha_entropy": args.alpha_entropy, "alpha_cov": args.alpha_cov,
         "entropy_off_epochs": args.entropy_off_epochs, "cov_off_too": args.cov_off_too,
-        "lr_decay": args.lr_decay, "batch_size": args.batch_size, "ste": args.ste, "seed": args.seed,
+        "lr_decay": args.lr_decay, "weight_decay": args.weight_decay, "batch_size": args.batch_size, "ste": args.ste, "seed": args.seed,
         "true_bits": float(args.rank), "estimated_bits": round(est_all, 3),
         "estimated_bits_train": round(est_train, 3), "estimated_bits_test": round(est_test, 3),
         "ratio": round(est_all / args.rank, 4),

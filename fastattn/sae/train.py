@@ -86,6 +86,11 @@ class TrainConfig:
     """Fraction of the run (by step, of epochs × steps per epoch) at its end over which the learning
     rate falls linearly to 0; 0 = constant (the authors). With the BAE reference estimator Adam
     turns the tiny gradients of a converged code into full-size steps, which move the hyperplanes."""
+    weight_decay: float = 0.0
+    """Adam's weight decay (coupled: wd·θ added to every parameter's gradient), the authors' trainer's
+    --weight_decay (default 0). With the BAE reference estimator the reconstruction gradient on
+    W_in does not vanish (the code ignores the pre-activation's scale), so without it the encoder
+    rows grow without bound and the hyperplanes freeze (bench/results/bae_gradients.md)."""
     batch_size: int = 512
     epochs: int = 1
     max_steps: Optional[int] = None
@@ -157,6 +162,7 @@ def check_config(cfg: TrainConfig) -> None:
               ("entropy_off_epochs", cfg.entropy_off_epochs >= 0),
               ("lr", cfg.lr is None or finite(cfg.lr) and cfg.lr > 0),
               ("lr_decay", finite(cfg.lr_decay) and cfg.lr_decay <= 1),
+              ("weight_decay", finite(cfg.weight_decay)),
               ("batch_size", cfg.batch_size >= 1), ("epochs", cfg.epochs >= 1),
               ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1),
               ("seed", 0 <= cfg.seed < 2 ** 63), ("log_every", cfg.log_every >= 1),
@@ -227,7 +233,7 @@ def _train(cfg, store, resume, rank, world, out_dir, stop):
     model = build_model(cfg, store.d)
     n_latents = model.n_latents if cfg.model == "topk" else model.d_hidden
     base_lr = cfg.learning_rate(n_latents)
-    opt = torch.optim.Adam(model.parameters(), lr=base_lr)
+    opt = torch.optim.Adam(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
     window = _Window(n_latents, cfg.device)
     step, epoch, step_in_epoch, window_steps, elapsed, loaded = 0, 0, 0, 0, 0.0, False
     if resume and ckpt_path.exists():
