@@ -2,7 +2,7 @@
 """Where a trained BAE's gradient comes from: per loss term (reconstruction, α_e·entropy,
 α_c·covariance), per parameter (encoder bias b_in, encoder weights W_in), over the batches of one
 epoch, the median over latents of |epoch mean| and of RMS; with the encoder rows' median norm and
-the range of firing rates. |mean| ≈ RMS means a steady push that Adam turns into full-size steps.
+the range of firing rates, and how far the model's input centre is from the training mean. |mean| ≈ RMS means a steady push that Adam turns into full-size steps.
 
     fastattn sae entropy-bench --rank 32 --out-dir runs/eb32          # the default setting
     python bench/bae_gradients.py --checkpoint runs/eb32/checkpoint.pt --rank 32
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
         p_on = (model.preactivation(data.x) > 0).double().mean(0)
     row = {"checkpoint": a.checkpoint, "rank": a.rank, "ste": cfg.ste, "alpha_entropy": cfg.alpha_entropy,
            "alpha_cov": cfg.alpha_cov, "epochs": cfg.epochs, "weight_decay": getattr(cfg, "weight_decay", 0.0),
+           "center_offset": float((model.input_center.double() - data.train.double().mean(0)).norm()),
            "p_min": float(p_on.min()), "p_max": float(p_on.max()),
            "varying_latents": int(((p_on > 0) & (p_on < 1)).sum()),
            "W_in_row_norm_median": float(model.encoder.weight.detach().norm(dim=1).median()),
@@ -75,14 +76,14 @@ def main(argv=None) -> int:
     out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     lines = ["Gradient sources of trained BAEs (`python bench/bae_gradients.py`; commands in bae_gradients.json): "
              "median over latents of |epoch mean| / RMS per batch\n",
-             "| rank | estimator | α_e / α_c | weight decay | epochs | firing rates | varying latents | median ‖W_in row‖ "
+             "| rank | estimator | α_e / α_c | weight decay | epochs | ‖centre − training mean‖ | firing rates | varying latents | median ‖W_in row‖ "
              "| recon → b_in | recon → W_in | entropy → b_in | entropy → W_in | cov → W_in |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g = r["grad"]
         cell = lambda t, k: f"{g[t][k][0]:.1e} / {g[t][k][1]:.1e}"  # noqa: E731
         lines.append(f"| {r['rank']} | {r['ste']} | {r['alpha_entropy']:g} / {r['alpha_cov']:g} | {r['weight_decay']:g} | "
-                     f"{r['epochs']} | {r['p_min']:.3f}–{r['p_max']:.3f} | {r['varying_latents']} | "
+                     f"{r['epochs']} | {r['center_offset']:.1e} | {r['p_min']:.3f}–{r['p_max']:.3f} | {r['varying_latents']} | "
                      f"{r['W_in_row_norm_median']:.2f} | {cell('recon', 'b_in')} | {cell('recon', 'W_in')} | "
                      f"{cell('entropy', 'b_in')} | {cell('entropy', 'W_in')} | {cell('cov', 'W_in')} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -182,8 +182,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     eb.add_argument("--out-dir", default=None)
     _add_train_args(eb)
     # The authors' estimator, trainer schedule shape and loss weights at 1e-6 (the paper: 1e-7 for
-    # 2,000 epochs), 300 epochs, data centred: r bits and lossless at r = 4, 8, 16 in ~3 CPU
-    # minutes each; r = 32 does not converge with this estimator (README, "Entropy benchmark").
+    # 2,000 epochs), 300 epochs, data centred: r bits and lossless at r = 4, 8, 16 in ~2-3 CPU
+    # minutes each; r = 32 needs --weight-decay 1e-5 too, which at 8 and 16 duplicates coins
+    # (README, "Entropy benchmark").
     eb.set_defaults(model="bae", epochs=300, ste="reference", alpha_entropy=1e-6, alpha_cov=1e-6,
                     entropy_off_epochs=None, log_every=100, func=cmd_entropy_bench)
 
