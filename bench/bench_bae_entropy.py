@@ -6,8 +6,9 @@ straight-through estimator, through ``fastattn sae entropy-bench``.
     python bench/bench_bae_entropy.py --ranks 8 --estimators reference --epochs 10   # a quick look
 
 Every run: random-direction data (d = 64, 65,536 samples, 52,428 for training), d' = 256, Adam
-lr 5e-4, batch 512, α_e = α_c = --alpha (default 1e-6) with α_e = 0 for the first quarter of the
---epochs (default 300), the data centred at the mean of every training row, i.e. the authors' model
+lr 5e-4, batch 512, Adam weight decay --weight-decay (default 3e-6), α_e = α_c = --alpha (default
+1e-6) with α_e = 0 for the first quarter of the --epochs (default 500), the data centred at the
+mean of every training row, i.e. the authors' model
 trained on centred data (``--center none``: their model on raw data, the cause of the lossy runs).
 Rows: every (rank, estimator) for each of --seeds, then the
 same without the entropy and covariance losses (the paper's red points: more bits). Reports the
@@ -49,9 +50,8 @@ def run(rank: int, ste: str, epochs: int, alpha: float, alpha_cov: float, losses
     if entropy_off is not None:
         cmd += ["--entropy-off-epochs", str(entropy_off)]
         cmd[cmd.index("--out-dir") + 1] += f"_off{entropy_off}"
-    if weight_decay:
-        cmd += ["--weight-decay", str(weight_decay)]
-        cmd[cmd.index("--out-dir") + 1] += f"_wd{weight_decay}"
+    cmd += ["--weight-decay", str(weight_decay)]  # always: entropy-bench's default is not 0
+    cmd[cmd.index("--out-dir") + 1] += f"_wd{weight_decay}"
     if lr_decay:
         cmd += ["--lr-decay", str(lr_decay)]
         cmd[cmd.index("--out-dir") + 1] += f"_decay{lr_decay}"
@@ -101,14 +101,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="4,8,16,32")
     p.add_argument("--estimators", default="reference,sigmoid")
-    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=500)
     p.add_argument("--alpha", type=float, default=1e-6, help="α_e (and α_c unless --alpha-cov)")
     p.add_argument("--alpha-cov", type=float, default=None)
     p.add_argument("--center", default="mean", choices=("mean", "none"))
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--entropy-off", type=int, default=None, help="epochs with α_e = 0 (default: a quarter)")
     p.add_argument("--lr-decay", type=float, default=0.0, help="last fraction of the run with lr -> 0 linearly")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam's coupled weight decay (the authors')")
+    p.add_argument("--weight-decay", type=float, default=3e-6, help="Adam's coupled weight decay (the authors')")
     p.add_argument("--cov-off-too", action="store_true", help="α_c = 0 too in the first quarter (not the authors')")
     p.add_argument("--no-losses-rows", action="store_true", help="also run every rank with α_e = α_c = 0")
     p.add_argument("--only-no-losses", action="store_true")
