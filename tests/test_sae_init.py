@@ -116,10 +116,17 @@ def test_bae_input_center(tmp_path):
     x = torch.randn(300, 6) + 10
     bae = BinaryAutoencoder(6, 24)
     W, b = bae.encoder.weight.detach(), bae.encoder.bias.detach()
+    b_out = bae.decoder.bias.detach().clone()
     assert not bae.input_center.any()  # the authors' (uncentred) encoder until initialised
     assert torch.allclose(bae.preactivation(x), x @ W.t() + b)
     bae.init_from_data(x)
     assert torch.allclose(bae.input_center, x.mean(0))
+    assert torch.allclose(bae.decoder.bias, b_out + x.mean(0))  # the centre is the output's too
+    bae.init_from_data(x + 1)  # a second call moves both by the difference
+    assert torch.allclose(bae.decoder.bias, b_out + x.mean(0) + 1, atol=1e-5)
+    bae.init_from_data(x, center="none")
+    assert not bae.input_center.any() and torch.allclose(bae.decoder.bias, b_out, atol=1e-5)
+    bae.init_from_data(x)
     code = bae.encode(x).code
     assert torch.equal(code, ((x - x.mean(0)) @ W.t() + b > 0).to(code.dtype))
     assert torch.equal(code.bool(), bae.preactivation(x) > 0)
@@ -133,11 +140,66 @@ def test_bae_input_center(tmp_path):
     old.input_center.fill_(5.0)
     old.load_state_dict(sd)
     assert not old.input_center.any()
-    # train() centres on the first rows of epoch 0's plan (or not, with bae_center="none")
-    store = TensorStore(torch.randn(INIT_SAMPLE_ROWS + 100, 6) + 4)
+    # train() centres on the mean of every training row, across shards (or not, with
+    # bae_center="none"), not on a sample's: the first rows' mean is off by ~1/sqrt(4096) here
+    rows = torch.randn(INIT_SAMPLE_ROWS + 3000, 6) + 4
+    store = TensorStore(rows, shard_rows=2500)
+    assert torch.allclose(store.mean(), rows.double().mean(0), atol=1e-12, rtol=0)
     for center in ("mean", "none"):
         cfg = TrainConfig(model="bae", n_latents=24, batch_size=512, bae_center=center, lr=1e-12, max_steps=1,
                           out_dir=str(tmp_path / center), progress=False)
         model = train(cfg, store, resume=False)
-        want = init_sample(store, cfg).mean(0) if center == "mean" else torch.zeros(6)
-        assert torch.allclose(model.input_center, want, atol=1e-6)
+        want = rows.mean(0) if center == "mean" else torch.zeros(6)
+        assert torch.allclose(model.input_center, want, atol=1e-6, rtol=0)
+        if center == "mean":
+            assert (init_sample(store, cfg).mean(0) - want).abs().max() > 1e-3
+
+
+class _SignS(torch.autograd.Function):
+    """The authors' default binarisation ("sign_s"), written from its definition: forward 1[z > 0],
+    backward g·(1 − g) of the incoming gradient g."""
+    @staticmethod
+    def forward(ctx, z):
+        return (z > 0).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (1 - g)
+
+
+def test_centred_bae_is_the_authors_step_on_centred_data():
+    # The authors' model (nn.Linear encoder and decoder, "sign_s", loss = mean squared error +
+    # α_e·Σ h2(p) with 1e-10 inside the logs + α_c·Σ_{i≠j} |cov|, torch.cov) trained on x − m must
+    # be ours with input_center = m, step for step, with our decoder bias = theirs + m. (SGD: Adam
+    # would turn float noise in gradients that are ~0 into steps of size lr.) Without the decoder's
+    # share of the centre the first steps differ by the mean error (the reason for the rule).
+    torch.manual_seed(0)
+    x = (torch.randint(0, 2, (256, 3)).float() @ torch.linalg.qr(torch.randn(8, 3))[0].t()) + 3.0
+    m = x.mean(0)
+    ours = BinaryAutoencoder(8, 32, alpha_entropy=1e-2, alpha_cov=1e-2)
+    enc, dec = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+    enc.load_state_dict(ours.encoder.state_dict())
+    dec.load_state_dict(ours.decoder.state_dict())
+    ours.init_from_data(x)
+    opt_a = torch.optim.SGD(ours.parameters(), lr=0.2)
+    opt_b = torch.optim.SGD([*enc.parameters(), *dec.parameters()], lr=0.2)
+    for step in range(6):
+        # batches of a prime size: no covariance is exactly 0 by coincidence (ours is exact there,
+        # with gradient 0; torch.cov's rounding gives it a random sign) except constant columns
+        xb = x[step * 41:(step + 1) * 41]
+        opt_a.zero_grad()
+        ours(xb).loss.backward()
+        opt_a.step()
+        xc = xb - m
+        h = _SignS.apply(enc(xc))
+        p = h.mean(0)
+        ent = -(p * torch.log2(p + 1e-10) + (1 - p) * torch.log2(1 - p + 1e-10)).sum()
+        cov = torch.cov(h.t())
+        loss = (dec(h) - xc).pow(2).mean() + 1e-2 * ent + 1e-2 * (cov.abs().sum() - cov.diagonal().abs().sum())
+        opt_b.zero_grad()
+        loss.backward()
+        opt_b.step()
+    torch.testing.assert_close(ours.encoder.weight, enc.weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.encoder.bias, enc.bias, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.decoder.weight, dec.weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.decoder.bias, dec.bias + m, atol=1e-5, rtol=0)

@@ -226,6 +226,21 @@ def test_lr_decay_schedule_and_resume(tmp_path, monkeypatch):
         assert torch.equal(a, b), name
 
 
+def test_weight_decay_reaches_adam(tmp_path):
+    """weight_decay is Adam's coupled decay (the authors' --weight_decay): with a decay that swamps
+    the loss gradient, Adam's first step moves every weight by lr towards 0; 0 leaves that to the loss."""
+    x = low_rank_data(N=128)
+    cfg = dict(model="bae", n_latents=16, epochs=1, lr=1e-3, seed=3, bae_center="none")
+    torch.manual_seed(3)
+    start = BinaryAutoencoder(x.shape[1], 16).encoder.weight.detach().clone()  # train() seeds the same way
+    big = train(_cfg(tmp_path / "wd", weight_decay=1e6, **cfg), TensorStore(x)).encoder.weight.detach()
+    torch.testing.assert_close(big, start - 1e-3 * start.sign(), atol=1e-6, rtol=0)
+    plain = train(_cfg(tmp_path / "nowd", **cfg), TensorStore(x)).encoder.weight.detach()
+    assert (plain.abs() < start.abs()).float().mean() < 0.9
+    with pytest.raises(ValueError, match="weight_decay"):
+        train(_cfg(tmp_path / "bad", weight_decay=-1.0, **cfg), TensorStore(x))
+
+
 @pytest.mark.parametrize("model", ["topk", "bae"])
 def test_resume_bit_for_bit(tmp_path, model):
     x = low_rank_data(N=700)

@@ -78,6 +78,16 @@ class ActivationStore:
         n = len(self) // batch_size if drop_last else -(-len(self) // batch_size)
         return n // world if world > 1 else n
 
+    def mean(self, batch_size: int = 65536) -> Tensor:
+        """[d] float64: the mean of every row (one streamed pass)."""
+        total, n = torch.zeros(self.d, dtype=torch.float64), 0
+        for x in self.iter_rows(batch_size):
+            total += x.double().sum(0)
+            n += x.shape[0]
+        if n == 0:
+            raise ValueError("mean of an empty store")
+        return total / n
+
     def iter_rows(self, batch_size: int = 8192) -> Iterator[Tensor]:
         """Every row once, in storage order (evaluation)."""
         for shard, size in enumerate(self.shard_sizes):

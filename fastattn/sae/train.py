@@ -37,7 +37,7 @@ from fastattn.sae.modules import DEAD_TOKENS, DENSE_FREQUENCY, BinaryAutoencoder
 from fastattn.sae.stores import ActivationStore
 
 CHECKPOINT = "checkpoint.pt"
-INIT_SAMPLE_ROWS = 4096  # rows for the initialisation statistics (TopK b_pre, BAE input centre)
+INIT_SAMPLE_ROWS = 4096  # rows for the TopK initialisation statistics (b_pre, encoder scale)
 METRICS = "metrics.jsonl"
 
 
@@ -72,8 +72,10 @@ class TrainConfig:
     alpha_cov: float = 1e-7
     """BAE: α_c, weight of Σ_{i≠j} |C_ij|."""
     bae_center: str = "mean"
-    """BAE: before step 0, the encoder's input centre from the first INIT_SAMPLE_ROWS rows ("mean";
-    "none" = the authors' uncentred encoder). See BinaryAutoencoder."""
+    """BAE: before step 0, the encoder's input centre (and the decoder's bias) at the mean of every
+    training row, one streamed pass ("mean"; "none" = the authors' uncentred model). Exact, not
+    a sample's: every epoch's batches then average to zero input, and no constant residue of the
+    centre is left for Adam to amplify into a steady drift of the encoder (BinaryAutoencoder)."""
     entropy_off_epochs: int = 0
     """BAE: epochs at the start with α_e = 0 (the authors: 500 of 2000)."""
     cov_off_too: bool = False
@@ -85,6 +87,11 @@ class TrainConfig:
     """Fraction of the run (by step, of epochs × steps per epoch) at its end over which the learning
     rate falls linearly to 0; 0 = constant (the authors). With the BAE reference estimator Adam
     turns the tiny gradients of a converged code into full-size steps, which move the hyperplanes."""
+    weight_decay: float = 0.0
+    """Adam's weight decay (coupled: wd·θ added to every parameter's gradient), the authors' trainer's
+    --weight_decay (default 0). With the BAE reference estimator the reconstruction gradient on
+    W_in does not vanish (the code ignores the pre-activation's scale), so without it the encoder
+    rows grow without bound and the hyperplanes freeze (bench/results/bae_gradients.md)."""
     batch_size: int = 512
     epochs: int = 1
     max_steps: Optional[int] = None
@@ -159,6 +166,7 @@ def check_config(cfg: TrainConfig) -> None:
               ("entropy_off_epochs", cfg.entropy_off_epochs >= 0),
               ("lr", cfg.lr is None or finite(cfg.lr) and cfg.lr > 0),
               ("lr_decay", finite(cfg.lr_decay) and cfg.lr_decay <= 1),
+              ("weight_decay", finite(cfg.weight_decay)),
               ("batch_size", cfg.batch_size >= 1), ("epochs", cfg.epochs >= 1),
               ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1),
               ("seed", 0 <= cfg.seed < 2 ** 63), ("log_every", cfg.log_every >= 1),
@@ -231,7 +239,7 @@ def _train(cfg, store, resume, rank, world, out_dir, stop, governor):
     model = build_model(cfg, store.d)
     n_latents = model.n_latents if cfg.model == "topk" else model.d_hidden
     base_lr = cfg.learning_rate(n_latents)
-    opt = torch.optim.Adam(model.parameters(), lr=base_lr)
+    opt = torch.optim.Adam(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
     window = _Window(n_latents, cfg.device)
     step, epoch, step_in_epoch, window_steps, elapsed, loaded = 0, 0, 0, 0, 0.0, False
     if resume and ckpt_path.exists():
@@ -261,7 +269,7 @@ def _train(cfg, store, resume, rank, world, out_dir, stop, governor):
         model.set_decoder_norm_to_unit_norm()
         model.init_from_data(init_sample(store, cfg), b_pre=cfg.init_b_pre, scale=cfg.init_scale)
     elif step == 0:
-        model.init_from_data(init_sample(store, cfg), center=cfg.bae_center)
+        model.set_center(store.mean() if cfg.bae_center == "mean" else None)
     wrapped = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
