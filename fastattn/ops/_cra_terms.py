@@ -268,18 +268,16 @@ def token_channels(layout: Layout, coords: Dict[str, Tensor], B: int, L: int, de
     (name -> (lo, hi)) the coordinates read are checked to lie in range (ValueError)."""
     if not layout.channels:
         return torch.zeros(B, 0, L, dtype=torch.int32, device=device)
+    names, spec, lo, hi = _channel_spec(tuple(layout.channels), tuple(limits.items()) if limits else ())
     if torch.device(device).type == "cpu" and _ext.extension() is not None and not torch.compiler.is_compiling():
-        names, spec, lo, hi = _channel_spec(tuple(layout.channels), tuple(limits.items()) if limits else ())
         return torch.ops.fastattn.coordinate_channels([coords[n] for n in names], spec, B, L, lo, hi, names)
-    names = layout.coordinates
-    lims = [limits[n] if limits else (-2**62, 2**62) for n in names]
     if limits and L > 0:
-        for n, (lo, hi) in zip(names, lims):
+        for n, n_lo, n_hi in zip(names, lo, hi):
             t_min, t_max = torch.aminmax(coords[n])
-            if t_min < lo:
-                raise ValueError(f"{n} has values below {lo} (-1 marks a missing value)")
-            if t_max > hi:
-                raise ValueError(f"{n} has values above {hi}")
+            if t_min < n_lo:
+                raise ValueError(f"{n} has values below {n_lo} (-1 marks a missing value)")
+            if t_max > n_hi:
+                raise ValueError(f"{n} has values above {n_hi}")
     return torch.stack([_channel_values(ch, coords[ch.coord]) for ch in layout.channels], dim=1).contiguous()
 
 
